@@ -43,3 +43,13 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
         seed=0,
     )
     return out
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A free TCP port on localhost for a launcher's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

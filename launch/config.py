@@ -1,0 +1,240 @@
+"""Run configuration: frozen dataclasses filled from a YAML file, then from ``key=value`` overrides.
+
+Each stage has one schema (``launch/mae.py: MAERunConfig``, ``launch/clip.py: CLIPRunConfig``)
+built from the sub-configs here and the models' own configs. Order of precedence: dataclass
+defaults < YAML file < command-line overrides (dotted keys, values parsed as YAML scalars, e.g.
+``train.steps=20 model.encoder.depth=2 data.source=shards/{000000..000009}.tar``).
+Unknown keys and values of the wrong type are a :class:`ConfigError` naming the key; the entry
+points print it as one line and exit 2. The resolved config is saved next to the checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A bad run configuration: unknown key, wrong type, missing file, impossible setting."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and run-length settings shared by both stages.
+
+    ``lr`` is the absolute peak learning rate; when it is null it is derived as
+    ``base_lr * global_batch / 256`` (the MAE paper's rule). ``precision`` is fp32, bf16 or fp16
+    (fp16 uses DeepSpeed's dynamic loss scaling and needs a GPU).
+    """
+
+    steps: int = 100
+    micro_batch_size: int = 16  # per rank, per micro step
+    grad_accum: int = 1
+    lr: Optional[float] = None
+    base_lr: float = 1.5e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 10
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 0.0  # 0 = off
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    zero_stage: int = 0  # 0, 1 or 2
+    fp16_initial_scale_power: int = 16
+    fp16_loss_scale_window: int = 1000
+    fp16_hysteresis: int = 2
+    seed: int = 0
+    num_workers: int = 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where a run writes and how often it reports."""
+
+    out_dir: str = "runs/run"
+    log_every: int = 10
+    ckpt_every: int = 0  # 0 = only at the end
+    keep_last: int = 2  # DeepSpeed checkpoints kept; older tags are deleted
+
+
+def resolve_path(path: str) -> str:
+    """A relative data path is taken from the working directory, else from the project root.
+
+    So the bundled ``data/...`` paths in ``configs/`` work from any directory.
+    """
+    p = Path(path).expanduser()
+    if p.is_absolute() or "{" in path or p.exists():
+        return str(p)
+    rooted = PROJECT_ROOT / p
+    return str(rooted) if rooted.exists() else str(p)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(schema: type[T], path: Optional[str] = None, overrides: Optional[list[str]] = None) -> T:
+    """Build ``schema`` from defaults, then the YAML file at ``path``, then ``overrides``."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        data = loaded
+        source = str(path)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(data, key.strip(), value)
+    return _build(schema, data, prefix="", source=source)
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[part] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _build(schema: type, data: Any, prefix: str, source: str, base: Any = None):
+    """``base`` (default: ``schema()``) updated with ``data``; nested dataclasses start from the
+    parent's default for that field, so a schema's own defaults survive partial overrides."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r} ({source})")
+    if base is None:
+        base = schema()
+    hints = typing.get_type_hints(schema)
+    names = {f.name for f in dataclasses.fields(schema)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        known = ", ".join(sorted(names))
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' ({source}); known keys here: {known}")
+    kwargs = {}
+    for name, value in data.items():
+        tp, key = hints[name], prefix + name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key + ".", source, getattr(base, name))
+        else:
+            kwargs[name] = _coerce(tp, value, key, source)
+    try:
+        return dataclasses.replace(base, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e} ({source})") from None
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".", source)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key, source)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if tp is Any:
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            raise ConfigError(f"'{key}' expects a list, got {value!r} ({source})")
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}' expects a list, got {value!r} ({source})")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"'{key}' expects {len(args)} values, got {len(value)} ({source})")
+            return tuple(_coerce(a, v, f"{key}[{i}]", source) for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        out = [_coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' expects a mapping, got {value!r} ({source})")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' expects true/false, got {value!r} ({source})")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' expects an integer, got {value!r} ({source})")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"'{key}' expects a number, got {value!r} ({source})")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"'{key}' expects a string, got {value!r} ({source})")
+    return value
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain dict (tuples as lists) of a config, for YAML/JSON and checkpoints."""
+
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    tmp.replace(path)
+
+
+def replace(cfg: T, **changes) -> T:
+    """``dataclasses.replace`` re-exported for the entry points."""
+    return dataclasses.replace(cfg, **changes)
+
+
+__all__ = [
+    "ConfigError", "TrainConfig", "RunConfig", "load_config", "to_dict", "save_config",
+    "resolve_path", "replace", "PROJECT_ROOT", "field",
+]

@@ -1,0 +1,56 @@
+"""Run the shared training runtime on a tiny regression model (used by tests/test_runtime.py).
+
+Every rank takes its slice of a fixed global batch per step, so 1 process x B and N processes x
+B/N must end with the same weights. Usage: ``deepspeed --num_gpus N tests/scripts/dp_runtime.py
+OUT_DIR [key=value ...]``.
+"""
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from launch.config import RunConfig, TrainConfig, load_config
+from launch.runtime import (Monitor, build_engine, infinite_batches, init_distributed, param_groups,
+                            prepare_run_dir, set_seed, train_loop)
+
+
+@dataclass(frozen=True)
+class TinyRunConfig:
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=6, micro_batch_size=8, warmup_steps=2, lr=0.05, weight_decay=0.1, grad_clip=1.0, num_workers=0))
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def main(argv):
+    argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
+    out, overrides = argv[0], argv[1:]
+    cfg = load_config(TinyRunConfig, None, overrides + [f"run.out_dir={out}", "run.log_every=1"])
+    dist = init_distributed()
+    set_seed(cfg.train.seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.LayerNorm(16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+    engine, ds = build_engine(model, param_groups(model, cfg.train.weight_decay), cfg.train, dist)
+    run_dir = prepare_run_dir(cfg.run, cfg, dist, {"ds_config.json": ds})
+    gen = torch.Generator().manual_seed(123)
+    global_b = cfg.train.micro_batch_size * dist.world_size
+    n_micro = cfg.train.steps * cfg.train.grad_accum
+    xs = torch.randn(n_micro, global_b, 6, generator=gen)
+    ys = xs.sum(-1, keepdim=True).sin()
+
+    def loader(epoch):  # this rank's contiguous slice of each global micro-batch
+        lo, hi = dist.rank * cfg.train.micro_batch_size, (dist.rank + 1) * cfg.train.micro_batch_size
+        return [(xs[i, lo:hi], ys[i, lo:hi]) for i in range(n_micro)]
+
+    def step_fn(batch, step):
+        x, y = batch
+        return torch.nn.functional.mse_loss(engine(x), y), {}
+
+    monitor = Monitor(run_dir, dist)
+    train_loop(engine, infinite_batches(loader), step_fn, cfg.train, cfg.run, dist, monitor)
+    if dist.is_main:
+        torch.save({k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}, Path(out) / "final.pt")
+        monitor.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,99 @@
+"""Run configs: YAML + dotted overrides into frozen dataclasses; every mistake is a clear error."""
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pytest
+import yaml
+
+from launch.config import ConfigError, RunConfig, TrainConfig, load_config, resolve_path, save_config, to_dict
+
+
+@dataclass(frozen=True)
+class Inner:
+    depth: int = 2
+    ratio: float = 0.5
+    scale: tuple[float, float] = (0.2, 1.0)
+
+
+@dataclass(frozen=True)
+class Schema:
+    name: str = "x"
+    inner: Inner = field(default_factory=lambda: Inner(depth=7))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    langs: tuple[str, ...] = ("en", "ko")
+    lr: Optional[float] = None
+
+
+def test_defaults_yaml_then_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: run1\ninner:\n  ratio: 0.75\ntrain:\n  steps: 5\n")
+    cfg = load_config(Schema, str(p), ["inner.scale=[0.1, 0.9]", "train.steps=9", "lr=3e-4", "langs=[ko]"])
+    assert cfg.name == "run1"
+    assert cfg.inner == Inner(depth=7, ratio=0.75, scale=(0.1, 0.9))  # schema default depth=7 kept
+    assert cfg.train.steps == 9 and cfg.train.micro_batch_size == TrainConfig().micro_batch_size
+    assert cfg.lr == 3e-4 and cfg.langs == ("ko",)
+    with pytest.raises(Exception):
+        cfg.name = "changed"  # frozen
+
+
+def test_int_accepted_for_float_and_null_for_optional():
+    cfg = load_config(Schema, None, ["inner.ratio=1", "lr=null"])
+    assert cfg.inner.ratio == 1.0 and isinstance(cfg.inner.ratio, float) and cfg.lr is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("inner.detph=3", "unknown key 'inner.detph'"),
+        ("bogus=1", "unknown key 'bogus'"),
+        ("inner.depth=2.5", "'inner.depth' expects an integer"),
+        ("inner.depth=true", "'inner.depth' expects an integer"),
+        ("train.steps=abc", "'train.steps' expects an integer"),
+        ("inner.scale=[1, 2, 3]", "'inner.scale' expects 2 values"),
+        ("inner=5", "inner: expected a mapping"),
+        ("noequals", "not of the form key=value"),
+    ],
+)
+def test_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        load_config(Schema, None, [override])
+
+
+def test_unknown_key_in_file_names_the_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(Schema, str(p))
+    assert "train.stepz" in str(e.value) and "bad.yaml" in str(e.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(Schema, str(tmp_path / "nope.yaml"))
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(Schema, str(tmp_path / "list.yaml"))
+    (tmp_path / "broken.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Schema, str(tmp_path / "broken.yaml"))
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(Schema, None, ["inner.depth=3", "train.precision=bf16"])
+    save_config(cfg, tmp_path / "config.yaml")
+    data = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert data == to_dict(cfg) and data["inner"]["scale"] == [0.2, 1.0]
+    assert load_config(Schema, str(tmp_path / "config.yaml")) == cfg
+
+
+def test_resolve_path_falls_back_to_project_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_path("data/emoji/captions.jsonl").endswith("data/emoji/captions.jsonl")
+    from pathlib import Path
+
+    assert Path(resolve_path("data/emoji/captions.jsonl")).is_file()
+    assert resolve_path("shards/{000000..000002}.tar") == "shards/{000000..000002}.tar"
+
+
+def test_run_config_defaults():
+    assert RunConfig().log_every > 0 and TrainConfig().precision == "fp32"

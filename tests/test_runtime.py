@@ -1,0 +1,86 @@
+"""The DeepSpeed runtime: schedule, precision checks, and data-parallel equivalence under the real
+``deepspeed`` launcher (2 CPU ranks, gloo) against one process with the same global batch."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from launch.config import ConfigError, TrainConfig
+from launch.runtime import check_precision, deepspeed_config, lr_factor, param_groups, peak_lr
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "dp_runtime.py")
+
+
+def test_lr_schedule_warmup_then_half_cosine():
+    t = TrainConfig(steps=10, warmup_steps=4)
+    f = [lr_factor(s, t) for s in range(10)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert f[4] == pytest.approx(1.0)
+    assert f[7] == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 6)))
+    assert all(a >= b for a, b in zip(f[3:], f[4:]))
+    assert lr_factor(2, t, freeze_steps=3) == 0.0 and lr_factor(3, t, freeze_steps=3) == 1.0
+    assert lr_factor(10, t, floor=0.1) == pytest.approx(0.1)
+
+
+def test_peak_lr_scales_with_global_batch():
+    t = TrainConfig(micro_batch_size=64, grad_accum=2, base_lr=1.5e-4)
+    assert peak_lr(t, world_size=2) == pytest.approx(1.5e-4 * 256 / 256)
+    assert peak_lr(TrainConfig(lr=1e-3), 8) == 1e-3
+
+
+def test_deepspeed_config_fields():
+    t = TrainConfig(micro_batch_size=4, grad_accum=3, precision="fp16", zero_stage=2, grad_clip=1.0)
+    ds = deepspeed_config(t, world_size=2)
+    assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 3
+    assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                          "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    assert ds["zero_optimization"] == {"stage": 2} and ds["gradient_clipping"] == 1.0
+    assert "bf16" in deepspeed_config(TrainConfig(precision="bf16"), 1)
+
+
+def test_precision_checks():
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        check_precision(TrainConfig(precision="fp16"), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="fp32, bf16 or fp16"):
+        check_precision(TrainConfig(precision="fp8"), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="zero_stage"):
+        check_precision(TrainConfig(zero_stage=3), torch.device("cpu"))
+    check_precision(TrainConfig(precision="fp16"), torch.device("cuda"))
+
+
+def test_param_groups_exclude_norms_biases_and_freeze():
+    m = torch.nn.ModuleDict({"visual": torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.LayerNorm(3)),
+                             "text": torch.nn.Linear(3, 1)})
+    groups = param_groups(m, 0.05, frozen={"visual.": 5})
+    by = {(g["weight_decay"], g["freeze_steps"]): sum(p.numel() for p in g["params"]) for g in groups}
+    assert by == {(0.05, 0): 3, (0.0, 0): 1, (0.05, 5): 6, (0.0, 5): 3 + 3 + 3}
+
+
+def _run(cmd, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank(tmp_path, free_port):
+    """1 x 8 (plain python), 1 x 4 x accum 2, and deepspeed 2 ranks x 4 with ZeRO-2 end equal."""
+    runs = {
+        "one": [sys.executable, SCRIPT, str(tmp_path / "one")],
+        "accum": [sys.executable, SCRIPT, str(tmp_path / "accum"), "train.micro_batch_size=4", "train.grad_accum=2"],
+        "two": ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port), SCRIPT, str(tmp_path / "two"),
+                "train.micro_batch_size=4", "train.zero_stage=2"],
+    }
+    for cmd in runs.values():
+        _run(cmd, cwd=tmp_path)  # not the repo root: the runtime must not depend on the working directory
+    final = {k: torch.load(tmp_path / k / "final.pt", weights_only=True) for k in runs}
+    start = torch.nn.Sequential(torch.nn.Linear(6, 16))  # the weights did move
+    for name in ("accum", "two"):
+        for key, ref in final["one"].items():
+            torch.testing.assert_close(final[name][key], ref, rtol=1e-5, atol=1e-6, msg=f"{name}:{key}")
+    assert (tmp_path / "two" / "config.yaml").is_file() and (tmp_path / "two" / "ds_config.json").is_file()
+    assert final["one"]["0.weight"].abs().sum() != start[0].weight.abs().sum()
