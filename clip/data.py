@@ -1,0 +1,387 @@
+"""Image-caption pairs for stage 2 (CLIP), their collate, a keyed split, and a shard writer.
+
+Sources and sharding are those of :mod:`mae.data` (folder of ``.tar`` shards, brace pattern,
+one ``.tar``, ``.jsonl`` manifest or a list of :func:`mae.data.iter_manifest` rows).
+
+Captions, per configured language (order of ``languages``):
+  * manifest rows / shard ``{key}.json``: ``obj["captions"][lang]`` if present, else ``obj[lang]``;
+    each a string or a list of strings (the emoji rows use ``row["en"]``, ``row["ko"]``);
+  * shard ``{key}.txt``: one caption in ``languages[0]``, used only when the ``.json`` gave none in
+    that language (so img2dataset's caption.txt works, and our writer's ``.txt`` is no duplicate).
+A caption that is not a string, empty or whitespace-only after ``strip()``, or not valid UTF-8
+is dropped and counted (``n_dropped`` of its sample). A sample left with no caption in any
+configured language is skipped and counted in ``n_skipped`` (its dropped captions are not added
+to ``n_dropped``), as is an undecodable image.
+
+Train/val without files: ``rows = list(iter_manifest(m)); train, val = split_rows(rows, 0.15)``,
+then ``build_pair_dataset(train, transform)``.
+
+CLI: ``python -m clip.data write-shards --manifest M.jsonl --out DIR`` (see ``--help``).
+
+Legend: B images in the batch, C caption slots per image, T tokens, V crops per image.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import get_worker_info
+
+from mae.data import ShardedImageSource, iter_manifest, load_rgb, resolve_source
+
+__all__ = ["PairDataset", "build_pair_dataset", "CaptionCollate", "split_rows", "extract_captions",
+           "clean_caption", "write_shards", "iter_manifest", "load_rgb", "main"]
+
+
+# ----------------------------------------------------------------------------- captions
+def clean_caption(text) -> str | None:
+    """``text.strip()`` if it is a non-empty, valid-UTF-8 string, else None."""
+    if not isinstance(text, str):
+        return None
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        text.encode("utf-8")  # lone surrogates: invalid bytes read with surrogateescape
+    except UnicodeEncodeError:
+        return None
+    return text
+
+
+def extract_captions(obj: dict, languages: Sequence[str]) -> tuple[dict[str, list[str]], int]:
+    """Valid captions ``{lang: [str, ...]}`` (languages without any are absent) and the number
+    of dropped ones, from ``obj["captions"][lang]`` or else ``obj[lang]``."""
+    nested = obj.get("captions") if isinstance(obj.get("captions"), dict) else {}
+    out, dropped = {}, 0
+    for lang in languages:
+        val = nested.get(lang, obj.get(lang))
+        if val is None:
+            continue
+        good = []
+        for v in (val if isinstance(val, list) else [val]):
+            c = clean_caption(v)
+            if c is None:
+                dropped += 1
+            else:
+                good.append(c)
+        if good:
+            out[lang] = good
+    return out, dropped
+
+
+def _decode_text(data: bytes) -> str:
+    return data.decode("utf-8", errors="surrogateescape")
+
+
+# ----------------------------------------------------------------------------- dataset
+class PairDataset(ShardedImageSource):
+    """Yields ``{"image", "captions": {lang: [str]}, "key", "n_skipped", "n_dropped"}``."""
+
+    def __init__(self, source, transform, languages: Sequence[str] = ("en", "ko"), **kw):
+        super().__init__(source, **kw)
+        if not languages:
+            raise ValueError("languages must not be empty")
+        if self.kind == "records" and not any("row" in r for r in self.items):
+            raise ValueError(f"pair dataset needs captions: {source} is a plain image folder")
+        self.transform, self.languages = transform, tuple(languages)
+
+    def captions(self, record: dict) -> tuple[str, dict[str, list[str]], int]:
+        """(key, captions, n_dropped) of a raw record."""
+        if "row" in record:
+            caps, dropped = extract_captions(record["row"], self.languages)
+            return record["key"], caps, dropped
+        key, caps, dropped = record["key"], {}, 0
+        if record.get("json") is not None:
+            try:
+                meta = json.loads(_decode_text(record["json"]))
+            except ValueError:
+                meta, dropped = None, 1
+            if isinstance(meta, dict):
+                caps, dropped = extract_captions(meta, self.languages)
+                key = str(meta.get("key", key))
+        first = self.languages[0]
+        if record.get("txt") is not None and first not in caps:
+            c = clean_caption(_decode_text(record["txt"]))
+            if c is None:
+                dropped += 1
+            else:
+                caps[first] = [c]
+        return key, caps, dropped
+
+    def load(self, record):
+        key, caps, dropped = self.captions(record)
+        if not caps:
+            return None
+        img = self.decode(record)
+        if img is None:
+            return None
+        return {"image": self.transform(img), "captions": caps, "key": key, "n_dropped": dropped}
+
+    def attach(self, item, n_skipped):
+        item["n_skipped"] = n_skipped
+        return item
+
+
+def build_pair_dataset(source, transform, languages: Sequence[str] = ("en", "ko"), rank: int = 0,
+                       world_size: int = 1, seed: int = 0, shuffle: bool = True,
+                       shuffle_buffer: int = 256) -> PairDataset:
+    """Stage-2 pair stream (see the module docstring for captions and :mod:`mae.data` for sharding).
+
+    Args:
+        source: shards (brace pattern, ``.tar``, folder of ``.tar``), a ``.jsonl`` manifest, or a
+            list of :func:`iter_manifest` rows (e.g. one side of :func:`split_rows`).
+        transform: PIL RGB -> tensor or list of crop tensors (``clip.augment.MultiCrop``).
+        languages: caption languages to keep; the first is the language of ``{key}.txt``.
+        rank, world_size, seed, shuffle, shuffle_buffer: as in :func:`mae.data.build_image_dataset`.
+    """
+    return PairDataset(source, transform, languages=languages, rank=rank, world_size=world_size,
+                       seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer)
+
+
+def split_rows(rows: Sequence[dict], val_fraction: float, key_field: str = "base",
+               seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Deterministic train/val split: a row goes to val when the first 32 bits of
+    ``sha1(f"{seed}:{row[key_field]}")`` / 2**32 < ``val_fraction``, so rows sharing a key
+    (e.g. an emoji and its skin-tone variants) land on the same side. Row order is kept."""
+    if not 0.0 <= val_fraction <= 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
+    train, val = [], []
+    for i, row in enumerate(rows):
+        if key_field not in row:
+            raise ValueError(f"row {i} has no split key field {key_field!r}")
+        digest = hashlib.sha1(f"{seed}:{row[key_field]}".encode("utf-8", "surrogateescape")).digest()
+        (val if int.from_bytes(digest[:4], "big") / 2**32 < val_fraction else train).append(row)
+    return train, val
+
+
+# ----------------------------------------------------------------------------- collate
+class CaptionCollate:
+    """Batch pair samples and tokenize one caption per slot.
+
+    ``mode="all"``: C = len(languages), slot c holds a random caption in ``languages[c]``; an
+    image without that language gets ``text_mask`` False and a ``[SOT, EOT, PAD...]`` row.
+    ``mode="sample"``: C = 1, a random available language, then a random caption in it
+    (KELIP-style mixed batches); ``languages`` is then ``["mixed"]``.
+    Draws come from a generator seeded by (seed, epoch, worker id, call counter), so a loader
+    is reproducible; call ``set_epoch`` before each epoch for fresh draws.
+
+    Returns ``{"images": [V x (B,3,H,W)], "tokens": (B,C,T) long, "text_mask": (B,C) bool,
+    "languages": [C str], "slot_languages": B x C lists ("" where masked), "keys": [B str],
+    "n_skipped": int, "n_dropped": int}``.
+    """
+
+    def __init__(self, tokenizer, languages: Sequence[str] = ("en", "ko"), mode: str = "all", seed: int = 0,
+                 context_length: int | None = None):
+        if mode not in ("all", "sample"):
+            raise ValueError(f"mode must be 'all' or 'sample', got {mode!r}")
+        self.tokenizer, self.languages, self.mode, self.seed = tokenizer, tuple(languages), mode, seed
+        self.context_length = context_length or tokenizer.context_length  # the text tower's T
+        self.epoch, self._calls = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._calls = epoch, 0
+
+    def _rng(self) -> random.Random:
+        info = get_worker_info()
+        self._calls += 1
+        return random.Random(f"{self.seed}:{self.epoch}:{info.id if info else -1}:{self._calls}")
+
+    def __call__(self, samples: list[dict]) -> dict:
+        rng = self._rng()
+        B = len(samples)
+        texts, slots = [], []  # slots: (B, C) language per slot, "" = masked
+        for s in samples:
+            caps = s["captions"]
+            if self.mode == "all":
+                row = [lang if caps.get(lang) else "" for lang in self.languages]
+            else:
+                row = [rng.choice([lang for lang in self.languages if caps.get(lang)] or [""])]
+            texts += [rng.choice(caps[lang]) for lang in row if lang]
+            slots.append(row)
+        C = len(slots[0])
+        mask = torch.tensor([[bool(lang) for lang in row] for row in slots], dtype=torch.bool)  # (B, C)
+        T = self.context_length
+        enc = self.tokenizer.encode_batch(texts, context_length=T) if texts else None  # (N_valid, T), one call
+        tokens = torch.full((B * C, T), self.tokenizer.pad_id, dtype=torch.long)
+        tokens[:, 0], tokens[:, 1] = self.tokenizer.sot_id, self.tokenizer.eot_id  # empty caption row
+        if enc is not None:
+            tokens[mask.view(-1)] = enc.long()
+        images = [s["image"] if isinstance(s["image"], (list, tuple)) else [s["image"]] for s in samples]
+        V = len(images[0])
+        if any(len(v) != V for v in images):
+            raise ValueError("samples in one batch have different numbers of crops")
+        return {
+            "images": [torch.stack([v[i] for v in images]) for i in range(V)],  # V x (B, 3, H, W)
+            "tokens": tokens.view(B, C, T),  # (B, C, T)
+            "text_mask": mask,
+            "languages": list(self.languages) if self.mode == "all" else ["mixed"],
+            "slot_languages": slots,
+            "keys": [s["key"] for s in samples],
+            "n_skipped": sum(int(s.get("n_skipped", 0)) for s in samples),
+            "n_dropped": sum(int(s.get("n_dropped", 0)) for s in samples),
+        }
+
+
+# ----------------------------------------------------------------------------- shard writer
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _write_split(samples, out: Path, shard_size: int) -> tuple[list[str], list[int]]:
+    """Write ``samples`` (webdataset dicts) to ``out/%06d.tar``, each via a ``.tmp`` then rename.
+    Returns the shard names and their sample counts."""
+    from webdataset import TarWriter
+
+    names, counts, writer, fobj, count = [], [], None, None, 0
+
+    def close():
+        if writer is not None:
+            writer.close()
+            fobj.close()
+            os.replace(out / (names[-1] + ".tmp"), out / names[-1])
+            counts.append(count)
+
+    for sample in samples:
+        if writer is None or count == shard_size:
+            close()
+            names.append(f"{len(names):06d}.tar")
+            fobj = open(out / (names[-1] + ".tmp"), "wb")
+            writer, count = TarWriter(fobj, encoder=False, mtime=0), 0
+        writer.write(sample)
+        count += 1
+    close()
+    return names, counts
+
+
+def write_shards(source, out_dir, shard_size: int = 1000, languages: Sequence[str] = ("en", "ko"),
+                 val_fraction: float = 0.0, split_key: str = "base", seed: int = 0,
+                 overwrite: bool = False) -> dict:
+    """Write img2dataset-layout shards from a manifest (or row list) or a plain image folder.
+
+    Per sample: ``{key}.{ext}`` the original image bytes; for manifests also ``{key}.json``
+    (``{"captions": {lang: [...]}, ...}`` plus the row's other fields, caption fields moved into
+    ``captions``) and ``{key}.txt`` (first caption in ``languages[0]``, when there is one).
+    Tar keys are ``%09d`` running numbers; the row's own ``key`` stays in the json.
+    With ``val_fraction > 0`` rows are split by :func:`split_rows` into ``out/train`` and
+    ``out/val``. Each shard folder gets ``stats.json``.
+
+    Errors (raised, nothing written): missing manifest, bad JSON line (with its line number),
+    a missing image file, shards as input, existing shards in ``out`` unless ``overwrite``.
+    Skipped and counted: undecodable images, rows without a valid caption; dropped and counted:
+    invalid captions.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    kind, records = resolve_source(source)
+    if kind == "shards":
+        raise ValueError(f"write-shards reads a manifest or an image folder, not shards: {source}")
+    for r in records:
+        if not os.path.isfile(r["path"]):
+            raise FileNotFoundError(f"image not found: {r['path']} (row key {r['key']!r})")
+    captioned = all("row" in r for r in records)
+    out = Path(out_dir)
+    if val_fraction > 0:
+        if not captioned:
+            raise ValueError("--val-fraction needs a manifest (rows with a split key)")
+        train, val = split_rows([r["row"] for r in records], val_fraction, split_key, seed)
+        val_ids = {id(row) for row in val}
+        splits = {"train": [r for r in records if id(r["row"]) not in val_ids],
+                  "val": [r for r in records if id(r["row"]) in val_ids]}
+    else:
+        splits = {"": records}
+    for name in splits:
+        if any((out / name).glob("*.tar")):
+            if not overwrite:
+                raise ValueError(f"{out / name} already holds .tar shards (use --overwrite)")
+            for p in (out / name).glob("*.tar"):
+                p.unlink()
+
+    summary = {"source": str(source) if not isinstance(source, list) else "<rows>",
+               "languages": list(languages), "shard_size": shard_size}
+    per_split = {}
+    for name, recs in splits.items():
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        stats = {"samples": 0, "skipped_corrupt": 0, "skipped_no_caption": 0, "dropped_captions": 0}
+
+        def samples():
+            for r in recs:
+                data = Path(r["path"]).read_bytes()
+                sample = {"__key__": f"{stats['samples']:09d}"}
+                if captioned:
+                    caps, dropped = extract_captions(r["row"], languages)
+                    stats["dropped_captions"] += dropped
+                    if not caps:
+                        stats["skipped_no_caption"] += 1
+                        continue
+                try:
+                    load_rgb(data)
+                except Exception:
+                    stats["skipped_corrupt"] += 1
+                    continue
+                ext = Path(r["path"]).suffix.lower().lstrip(".")
+                sample[ext] = data
+                if captioned:
+                    meta = {k: v for k, v in r["row"].items() if k not in ("path", "captions", *languages)}
+                    meta["captions"] = caps
+                    sample["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+                    if languages[0] in caps:
+                        sample["txt"] = caps[languages[0]][0].encode("utf-8")
+                stats["samples"] += 1
+                yield sample
+
+        stats["shards"], stats["shard_samples"] = _write_split(samples(), folder, shard_size)
+        _atomic_write(folder / "stats.json", json.dumps({**summary, **stats}, indent=1).encode())
+        per_split[name or "all"] = stats
+    if val_fraction > 0:
+        summary.update(val_fraction=val_fraction, split_key=split_key, seed=seed, splits=per_split)
+        _atomic_write(out / "stats.json", json.dumps(summary, indent=1).encode())
+    return per_split
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m clip.data", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("write-shards", help="write img2dataset-layout WebDataset shards")
+    src = w.add_mutually_exclusive_group(required=True)
+    src.add_argument("--manifest", help="JSONL manifest ({'file': ..., captions})")
+    src.add_argument("--images", help="plain image folder (images only, for MAE)")
+    w.add_argument("--out", required=True, help="output folder (train/ and val/ with --val-fraction)")
+    w.add_argument("--shard-size", type=int, default=1000)
+    w.add_argument("--languages", nargs="+", default=["en", "ko"])
+    w.add_argument("--val-fraction", type=float, default=0.0)
+    w.add_argument("--split-key", default="base")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
+    args = ap.parse_args(argv)
+    source = args.manifest or args.images
+    if args.manifest and not args.manifest.endswith(".jsonl"):
+        print(f"error: --manifest must be a .jsonl file: {args.manifest}", file=sys.stderr)
+        return 2
+    if args.images and not os.path.isdir(args.images):
+        print(f"error: image folder not found: {args.images}", file=sys.stderr)
+        return 2
+    try:
+        stats = write_shards(source, args.out, args.shard_size, args.languages, args.val_fraction,
+                             args.split_key, args.seed, args.overwrite)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, s in stats.items():
+        print(f"{name}: {s['samples']} samples in {len(s['shards'])} shards; skipped "
+              f"{s['skipped_corrupt']} corrupt, {s['skipped_no_caption']} without caption; "
+              f"dropped {s['dropped_captions']} captions")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""Image streams for stage 1 (MAE) and, through subclassing, stage 2 (CLIP pairs).
+
+A *source* is one of
+  * an image folder (searched recursively for .jpg/.jpeg/.png/.webp, sorted by path),
+  * a ``.jsonl`` manifest, one ``{"file": ...}`` object a line, ``file`` relative to the
+    manifest's folder (``data/emoji/captions.jsonl`` is one),
+  * a list of manifest rows as returned by :func:`iter_manifest` (each with an absolute
+    ``"path"``), so a trainer can split a manifest without writing files,
+  * WebDataset shards in img2dataset layout (members ``{key}.jpg|jpeg|png|webp``, optionally
+    ``{key}.json`` / ``{key}.txt``): a brace pattern ``dir/{000000..000009}.tar``, one ``.tar``,
+    or a folder of ``.tar`` files (a folder holding any ``.tar`` is read as shards).
+
+Sharding. Global part ``g = rank * W + worker_id`` of ``P = world_size * W`` parts (W DataLoader
+workers, found with ``get_worker_info()``).
+  * Files / rows: the list is permuted with a generator seeded by ``seed + epoch`` (the same on
+    every rank), then part g takes items ``g, g+P, g+2P, ...``.
+  * Shards: the shard list is permuted the same way. If there are at least P shards, part g reads
+    shards ``g, g+P, ...``; otherwise every part reads every shard and keeps the samples whose
+    position in the (permuted) stream is ``g mod P`` (round robin; each part still reads all the
+    bytes, which is fine for the small data sets where this happens). Samples then pass a small
+    in-worker shuffle buffer (seeded by ``seed``, ``epoch`` and g).
+Either way one pass over all parts visits every sample exactly once. ``set_epoch(e)`` reshuffles;
+call it before building the epoch's iterator, with ``persistent_workers=False`` (the default) so
+the workers see it. All ranks must use the same ``num_workers``. Parts differ by at most one file
+(or one shard), so ranks may see slightly different sample counts: under DeepSpeed run a fixed
+number of steps per epoch (``num_samples() // global_batch``) instead of exhausting the loader.
+
+Bad data never crashes a worker: an undecodable, truncated, zero-byte or missing image (or a
+shard sample without an image, or an unreadable shard, counted as one) is skipped and counted.
+Each yield carries ``n_skipped``: the skips since this worker's previous yield; the worker's last
+sample also carries its trailing skips. So with ``drop_last=False`` the sum of ``n_skipped`` over
+an epoch is the exact skip count (only a part that decodes no image at all loses its count).
+Nothing is logged from workers; the trainer sums and logs.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import IterableDataset, get_worker_info
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------- images
+def load_rgb(src: str | os.PathLike | bytes) -> Image.Image:
+    """Decode a path or encoded bytes into an RGB image; any transparency is flattened onto white.
+
+    Raises whatever PIL raises for unreadable, truncated or empty input (callers that must not
+    crash catch it and count a skip).
+    """
+    fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src
+    with Image.open(fp) as img:
+        img.load()  # decode now: truncated data raises here, not later in a transform
+        if img.getexif().get(0x0112, 1) != 1:  # camera JPEGs: apply the EXIF orientation
+            img = ImageOps.exif_transpose(img)
+        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return img.convert("RGB")
+
+
+def mae_transform(
+    img_size: int = 224,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+    scale: tuple[float, float] = (0.2, 1.0),
+) -> "torchvision.transforms.v2.Compose":
+    """MAE pre-training augmentation (He et al. 2022): random resized crop (bicubic) + flip."""
+    from torchvision.transforms import v2  # lazy: the shard-writer CLI needs no torchvision
+
+    return v2.Compose([
+        v2.RandomResizedCrop(img_size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC,
+                             antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean, std),
+    ])
+
+
+# ----------------------------------------------------------------------------- sources
+def iter_manifest(path: str | os.PathLike) -> Iterator[dict]:
+    """Yield the rows of a JSONL manifest in file order, each with ``"path"``: the absolute
+    image path (``file`` resolved against the manifest's folder). Blank lines are ignored.
+
+    Raises FileNotFoundError for a missing manifest, ValueError naming file and line for a line
+    that is not a JSON object with a string ``file``. Text is decoded with ``surrogateescape`` so
+    invalid UTF-8 inside a caption surfaces as a string that caption cleaning drops.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    root = path.resolve().parent
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.decode("utf-8", errors="surrogateescape").strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: bad JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("file"), str):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with a string 'file'")
+            row["path"] = str(root / row["file"])
+            yield row
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """All images under ``folder`` (recursive, case-insensitive extensions), sorted by path."""
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+
+
+def expand_shards(source: str) -> list[str]:
+    """Shard paths for a brace pattern, a single ``.tar`` or a folder of ``.tar`` (sorted)."""
+    import braceexpand
+
+    if os.path.isdir(source):
+        shards = sorted(str(p) for p in Path(source).glob("*.tar"))
+    else:
+        shards = list(braceexpand.braceexpand(source))
+    if not shards:
+        raise ValueError(f"no .tar shards in {source}")
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if missing:
+        raise FileNotFoundError(f"shard not found: {missing[0]} ({len(missing)} of {len(shards)} missing)")
+    return shards
+
+
+def resolve_source(source: str | os.PathLike | list) -> tuple[str, list]:
+    """Classify ``source`` into ``("records", [record, ...])`` or ``("shards", [url, ...])``.
+
+    A record is a dict with ``"key"`` and ``"path"`` (plus ``"row"`` for manifest rows).
+    """
+    if isinstance(source, (list, tuple)):
+        records = []
+        for i, row in enumerate(source):
+            if isinstance(row, (str, os.PathLike)):
+                records.append({"key": str(row), "path": str(row)})
+            elif isinstance(row, dict) and "path" in row:
+                records.append({"key": str(row.get("key", row["path"])), "path": row["path"], "row": row})
+            else:
+                raise ValueError(f"row {i}: expected a path or a manifest row with 'path' "
+                                 "(see iter_manifest)")
+        return "records", records
+    source = str(source)
+    if "{" in source or source.endswith(".tar"):
+        return "shards", expand_shards(source)
+    if source.endswith(".jsonl"):
+        rows = iter_manifest(source)
+        return "records", [{"key": str(r.get("key", r["file"])), "path": r["path"], "row": r} for r in rows]
+    if os.path.isdir(source):
+        if any(Path(source).glob("*.tar")):
+            return "shards", expand_shards(source)
+        files = list_images(source)
+        if not files:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) or .tar shards in {source}")
+        return "records", [{"key": p.relative_to(source).as_posix(), "path": str(p)} for p in files]
+    raise FileNotFoundError(f"image source not found: {source}")
+
+
+def shard_sample_count(urls: list[str]) -> int | None:
+    """Samples in ``urls`` according to ``stats.json`` (``clip.data.write_shards``) in their folders."""
+    total, cache = 0, {}
+    for url in urls:
+        folder, name = os.path.split(url)
+        if folder not in cache:
+            try:
+                stats = json.loads(Path(folder or ".", "stats.json").read_text())
+                cache[folder] = dict(zip(stats["shards"], stats["shard_samples"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+        if name not in cache[folder]:
+            return None
+        total += cache[folder][name]
+    return total
+
+
+def iter_shard_samples(url: str) -> Iterator[dict]:
+    """Samples of one tar shard as ``{"key", "image", "json", "txt"}`` (bytes, or None if absent)."""
+    from webdataset import tariterators
+
+    for s in tariterators.tarfile_samples([{"url": url}]):
+        image = next((s[e] for e in ("jpg", "jpeg", "png", "webp") if e in s), None)
+        yield {"key": s["__key__"], "image": image, "json": s.get("json"), "txt": s.get("txt")}
+
+
+# ----------------------------------------------------------------------------- datasets
+class ShardedImageSource(IterableDataset):
+    """Partitioned, reshuffled, skip-counting stream over a source (see the module docstring).
+
+    Subclasses implement ``load(record) -> item or None`` (None = skip) and
+    ``attach(item, n_skipped) -> yielded object``.
+    """
+
+    def __init__(self, source, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, shuffle_buffer: int = 256):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.kind, self.items = resolve_source(source)
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
+        self.epoch = 0
+
+    def num_samples(self) -> int | None:
+        """Samples per epoch over all ranks before skips; for shards read from the writer's
+        ``stats.json`` beside them (None when it is absent or does not list every shard)."""
+        return len(self.items) if self.kind == "records" else shard_sample_count(self.items)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> list:
+        if not self.shuffle:
+            return list(self.items)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)  # identical on all ranks
+        return [self.items[i] for i in torch.randperm(len(self.items), generator=g).tolist()]
+
+    def records(self) -> Iterator[dict]:
+        """This (rank, worker)'s raw records for the current epoch, before decoding."""
+        info = get_worker_info()
+        workers, wid = (info.num_workers, info.id) if info is not None else (1, 0)
+        parts, part = self.world_size * workers, self.rank * workers + wid
+        order = self._order()
+        if self.kind == "records":
+            yield from order[part::parts]
+            return
+        if len(order) >= parts:
+            stream = self._read_shards(order[part::parts])
+        else:
+            stream = (s for i, s in enumerate(self._read_shards(order)) if i % parts == part)
+        if not self.shuffle or self.shuffle_buffer <= 1:
+            yield from stream
+            return
+        rng = random.Random(f"{self.seed}:{self.epoch}:{part}")
+        buf: list = []
+        for s in stream:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(s)
+                continue
+            j = rng.randrange(len(buf))
+            yield buf[j]
+            buf[j] = s
+        rng.shuffle(buf)
+        yield from buf
+
+    @staticmethod
+    def _read_shards(urls: list[str]) -> Iterator[dict]:
+        for url in urls:
+            try:
+                yield from iter_shard_samples(url)
+            except Exception:  # unreadable/truncated tar: one counted skip, go on with the next shard
+                yield {"key": url, "image": None, "json": None, "txt": None}
+
+    def load(self, record: dict) -> Any | None:
+        raise NotImplementedError
+
+    def attach(self, item: Any, n_skipped: int) -> Any:
+        raise NotImplementedError
+
+    def decode(self, record: dict) -> Image.Image | None:
+        """The record's image as RGB, or None when it is missing or cannot be decoded."""
+        src = record.get("image") if "path" not in record else record["path"]
+        if src is None:
+            return None
+        try:
+            return load_rgb(src)
+        except Exception:  # PIL raises many types for bad data (OSError, SyntaxError, zlib.error, ...)
+            return None
+
+    def __iter__(self):
+        # Hold one good item back so that trailing skips ride on the part's last yield.
+        pending, pending_skips, skipped = None, 0, 0
+        for record in self.records():
+            item = self.load(record)
+            if item is None:
+                skipped += 1
+                continue
+            if pending is not None:
+                yield self.attach(pending, pending_skips)
+            pending, pending_skips, skipped = item, skipped, 0
+        if pending is not None:
+            yield self.attach(pending, pending_skips + skipped)
+
+
+class ImageDataset(ShardedImageSource):
+    """Yields ``(transform(rgb_image), n_skipped)``."""
+
+    def __init__(self, source, transform, **kw):
+        super().__init__(source, **kw)
+        self.transform = transform
+
+    def load(self, record):
+        img = self.decode(record)
+        return None if img is None else self.transform(img)
+
+    def attach(self, item, n_skipped):
+        return item, n_skipped
+
+
+def build_image_dataset(source, transform, rank: int = 0, world_size: int = 1, seed: int = 0,
+                        shuffle: bool = True, shuffle_buffer: int = 256) -> ImageDataset:
+    """Stage-1 image stream yielding ``(image_tensor, n_skipped)``.
+
+    Args:
+        source: image folder, ``.jsonl`` manifest, list of :func:`iter_manifest` rows, or
+            WebDataset shards (brace pattern, one ``.tar``, folder of ``.tar``).
+        transform: PIL RGB image -> tensor, e.g. :func:`mae_transform`.
+        rank, world_size: this process's place among the data-parallel ranks.
+        seed: shuffling seed; ``set_epoch(e)`` reshuffles with ``seed + e``.
+        shuffle: permute files/shards each epoch (and buffer-shuffle shard samples).
+        shuffle_buffer: in-worker buffer size for shard samples.
+    """
+    return ImageDataset(source, transform, rank=rank, world_size=world_size, seed=seed,
+                        shuffle=shuffle, shuffle_buffer=shuffle_buffer)

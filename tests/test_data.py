@@ -1,0 +1,387 @@
+"""Data loading: sources, sharding over ranks x workers, skips, captions, collate, split, writer."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, get_worker_info
+
+from clip.data import CaptionCollate, build_pair_dataset, main as data_main, split_rows, write_shards
+from mae.data import build_image_dataset, iter_manifest, load_rgb, mae_transform
+
+
+# ----------------------------------------------------------------------------- helpers
+def fingerprint(img: Image.Image) -> torch.Tensor:
+    """A transform that identifies the decoded image (so image-only streams can be checked)."""
+    return torch.tensor(int.from_bytes(hashlib.md5(img.tobytes()).digest()[:7], "big"))
+
+
+def nothing(img: Image.Image) -> torch.Tensor:
+    return torch.zeros(1)
+
+
+def worker_id(img: Image.Image) -> torch.Tensor:
+    info = get_worker_info()
+    return torch.tensor(info.id if info is not None else -1)
+
+
+def as_list(batch):
+    return batch
+
+
+def collect(ds, workers: int = 0) -> list:
+    if workers == 0:
+        return list(ds)
+    loader = DataLoader(ds, batch_size=3, num_workers=workers, collate_fn=as_list)
+    return [s for batch in loader for s in batch]
+
+
+@pytest.fixture(scope="module")
+def manifest(data_dir) -> Path:
+    return data_dir / "emoji" / "captions.jsonl"
+
+
+@pytest.fixture(scope="module")
+def rows(manifest) -> list[dict]:
+    return list(iter_manifest(manifest))
+
+
+@pytest.fixture(scope="module")
+def subset(rows) -> list[dict]:
+    return rows[::40]  # 40 rows from all groups
+
+
+@pytest.fixture(scope="module")
+def shard_dir(subset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(subset, out, shard_size=7)  # 6 shards: 5 x 7 + 5
+    return out
+
+
+@pytest.fixture(scope="module")
+def image_folder(rows, tmp_path_factory) -> Path:
+    """12 good emoji in nested folders, plus a non-image file that must be ignored."""
+    root = tmp_path_factory.mktemp("folder")
+    for i, row in enumerate(rows[:12]):
+        sub = root / f"d{i % 3}" / ("e" if i % 2 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        shutil.copy(row["path"], sub / Path(row["file"]).name.replace(".png", ".PNG" if i == 5 else ".png"))
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+# ----------------------------------------------------------------------------- images
+def test_load_rgb_flattens_transparency_onto_white(data_dir):
+    path = data_dir / "emoji" / "img" / "1f947.png"
+    with Image.open(path) as raw:
+        assert raw.mode == "P" and "transparency" in raw.info
+    img = load_rgb(path)
+    assert img.mode == "RGB" and img.size == (136, 128)
+    assert img.getpixel((0, 0)) == (255, 255, 255)
+    assert len(img.getcolors(10_000)) > 10  # the medal itself is not flattened away
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    rgba.putpixel((4, 4), (200, 10, 10, 255))
+    rgba.putpixel((5, 5), (0, 0, 0, 128))  # half transparent black over white
+    buf = io.BytesIO()
+    rgba.save(buf, format="PNG")
+    flat = load_rgb(buf.getvalue())
+    assert flat.getpixel((0, 0)) == (255, 255, 255) and flat.getpixel((4, 4)) == (200, 10, 10)
+    assert abs(flat.getpixel((5, 5))[0] - 127) <= 1
+    t = mae_transform(32)(img)
+    assert t.shape == (3, 32, 32) and t.dtype == torch.float32
+
+
+def test_sources_yield_all_samples_with_right_content(manifest, rows, subset, shard_dir, image_folder):
+    folder = [fingerprint(load_rgb(r["path"])).item() for r in rows[:12]]
+    got = [t.item() for t, n in build_image_dataset(str(image_folder), fingerprint)]
+    assert sorted(got) == sorted(folder)
+
+    full = build_image_dataset(str(manifest), nothing)
+    assert full.num_samples() == 1598 and sum(1 for _ in full) == 1598
+
+    want = sorted(fingerprint(load_rgb(r["path"])).item() for r in subset)
+    shards = sorted(shard_dir.glob("*.tar"))
+    assert len(shards) == 6
+    for source in (str(shard_dir), str(shard_dir / "{000000..000005}.tar")):
+        got = [t.item() for t, n in build_image_dataset(source, fingerprint)]
+        assert sorted(got) == want
+    single = [t.item() for t, n in build_image_dataset(str(shards[-1]), fingerprint)]
+    assert len(single) == 5
+    assert build_image_dataset(str(shard_dir), nothing).num_samples() == 40  # from the writer's stats.json
+    assert build_image_dataset(str(shard_dir / "{000000..000002}.tar"), nothing).num_samples() == 21
+
+    imgs = [t for t, n in build_image_dataset(str(image_folder), mae_transform(48))]
+    assert len(imgs) == 12 and all(t.shape == (3, 48, 48) for t in imgs)
+
+
+@pytest.mark.parametrize("source", ["manifest", "shards", "few_shards"])
+def test_epoch_covers_every_sample_once_over_2_ranks_x_2_workers(source, subset, shard_dir):
+    src = {"manifest": subset, "shards": str(shard_dir),  # 6 shards >= 4 parts: split shards
+           "few_shards": str(shard_dir / "{000000..000002}.tar")}[source]  # 3 < 4: round robin
+    expected = [r["key"] for r in subset] if source != "few_shards" else [r["key"] for r in subset[:21]]
+    parts = []
+    for rank in range(2):
+        ds = build_pair_dataset(src, worker_id, rank=rank, world_size=2, seed=3)
+        ds.set_epoch(1)
+        by_worker: dict[int, list] = {}
+        for s in collect(ds, workers=2):
+            by_worker.setdefault(s["image"].item(), []).append(s["key"])
+        assert sorted(by_worker) == [0, 1]
+        parts += list(by_worker.values())
+    assert len(parts) == 4 and all(parts)
+    union = [k for p in parts for k in p]
+    assert sorted(union) == sorted(expected)  # all samples, none twice
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not set(parts[i]) & set(parts[j])
+
+
+def test_folder_epoch_coverage_with_workers(image_folder, rows):
+    want = sorted(fingerprint(load_rgb(r["path"])).item() for r in rows[:12])
+    got = []
+    for rank in range(2):
+        got += [t.item() for t, n in collect(build_image_dataset(str(image_folder), fingerprint, rank=rank,
+                                                                 world_size=2), workers=2)]
+    assert sorted(got) == want
+
+
+@pytest.mark.parametrize("source", ["manifest", "shards"])
+def test_set_epoch_reshuffles_deterministically(source, subset, shard_dir):
+    src = subset if source == "manifest" else str(shard_dir)
+    ds = build_pair_dataset(src, nothing, seed=0)
+    order = {}
+    for epoch in (0, 1, 0):
+        ds.set_epoch(epoch)
+        keys = [s["key"] for s in ds]
+        if epoch in order:
+            assert keys == order[epoch]
+        order[epoch] = keys
+    assert order[0] != order[1] and sorted(order[0]) == sorted(order[1]) == sorted(r["key"] for r in subset)
+    plain = [s["key"] for s in build_pair_dataset(src, nothing, shuffle=False)]
+    plain2 = [s["key"] for s in build_pair_dataset(src, nothing, shuffle=False)]
+    assert plain == plain2 and plain != order[0]
+
+
+# ----------------------------------------------------------------------------- bad data
+@pytest.fixture(scope="module")
+def bad_folder(rows, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bad")
+    good = [Path(r["path"]) for r in rows[:6]]
+    for p in good:
+        shutil.copy(p, root / p.name)
+    data = good[0].read_bytes()
+    (root / "zero.png").write_bytes(b"")
+    (root / "truncated.png").write_bytes(data[: len(data) // 2])
+    (root / "garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg" * 10)
+    (root / "text.webp").write_bytes(b"RIFF....WEBPVP8 nope")
+    return root
+
+
+def test_corrupt_images_are_skipped_and_counted(bad_folder):
+    for workers, world in ((0, 1), (2, 1), (2, 2)):
+        got = []
+        for rank in range(world):
+            got += collect(build_image_dataset(str(bad_folder), mae_transform(32), rank=rank,
+                                               world_size=world, seed=1), workers)
+        assert len(got) == 6
+        assert sum(n for _, n in got) == 4
+
+
+def test_bad_samples_in_manifest_and_shards_are_skipped(bad_folder, rows, tmp_path):
+    from webdataset import TarWriter
+
+    m = tmp_path / "m.jsonl"
+    lines = [{"file": str(bad_folder / n), "en": "x"} for n in ("zero.png", "truncated.png", "missing.png")]
+    lines += [{"file": r["path"], "en": r["en"]} for r in rows[:3]]
+    m.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    got = list(build_pair_dataset(str(m), nothing))
+    assert len(got) == 3 and sum(s["n_skipped"] for s in got) == 3
+
+    good = Path(rows[0]["path"]).read_bytes()
+    with open(tmp_path / "000000.tar", "wb") as f:
+        w = TarWriter(f, encoder=False)
+        w.write({"__key__": "a", "png": good, "txt": b"good one"})
+        w.write({"__key__": "b", "png": good[:200], "txt": b"truncated"})
+        w.write({"__key__": "c", "json": b'{"captions": {"en": ["no image"]}}'})
+        w.write({"__key__": "d", "jpg": b"", "txt": b"zero bytes"})
+        w.write({"__key__": "e", "webp": good, "txt": b"a png named webp decodes fine"})
+        w.close()
+    (tmp_path / "000001.tar").write_bytes(b"this is not a tar file at all" * 40)
+    got = list(build_pair_dataset(str(tmp_path / "{000000..000001}.tar"), nothing, shuffle=False))
+    assert [s["key"] for s in got] == ["a", "e"]
+    assert build_pair_dataset(str(tmp_path / "000000.tar"), nothing).num_samples() is None  # no stats.json
+    assert sum(s["n_skipped"] for s in got) == 4  # b, c, d and the unreadable shard
+
+
+def test_invalid_captions_are_dropped_and_counted(rows, tmp_path):
+    from webdataset import TarWriter
+
+    img = rows[0]["path"]
+    m = tmp_path / "m.jsonl"
+    with open(m, "wb") as f:
+        f.write(json.dumps({"key": "a", "file": img, "en": "  ", "ko": "고양이"}).encode() + b"\n")
+        b = {"key": "b", "file": img, "captions": {"en": ["a cat", "", "\t"], "ko": []}}
+        f.write(json.dumps(b).encode() + b"\n")
+        f.write(json.dumps({"key": "c", "file": img, "en": "", "ko": " "}).encode() + b"\n")
+        f.write(b'{"key": "d", "file": "' + img.encode() + b'", "en": "bad \xff\xfe", "ko": "ok"}\n')
+        f.write(json.dumps({"key": "e", "file": img, "en": ["dog", "\udc80"], "ja": "inu"}).encode() + b"\n")
+    got = {s["key"]: s for s in build_pair_dataset(str(m), nothing, shuffle=False)}
+    assert {k: s["captions"] for k, s in got.items()} == {
+        "a": {"ko": ["고양이"]}, "b": {"en": ["a cat"]}, "d": {"ko": ["ok"]}, "e": {"en": ["dog"]}}
+    assert {k: s["n_dropped"] for k, s in got.items()} == {"a": 1, "b": 2, "d": 1, "e": 1}
+    assert sum(s["n_skipped"] for s in got.values()) == 1  # c
+
+    png = Path(img).read_bytes()
+    with open(tmp_path / "s.tar", "wb") as f:
+        w = TarWriter(f, encoder=False)
+        w.write({"__key__": "t1", "png": png, "txt": b"\xff\xfe\xfd"})  # non-UTF-8 only caption
+        w.write({"__key__": "t2", "png": png, "txt": b"   "})
+        w.write({"__key__": "t3", "png": png, "txt": b" plain caption "})
+        cut = b'{"captions": {"ko": ["\xea\xb0"]}}'  # a Hangul syllable cut short: invalid UTF-8
+        w.write({"__key__": "t4", "png": png, "json": cut, "txt": b"en text"})
+        w.close()
+    got = list(build_pair_dataset(str(tmp_path / "s.tar"), nothing, shuffle=False))
+    assert [(s["key"], s["captions"], s["n_dropped"]) for s in got] == [
+        ("t3", {"en": ["plain caption"]}, 0), ("t4", {"en": ["en text"]}, 1)]
+    assert sum(s["n_skipped"] for s in got) == 2
+
+
+# ----------------------------------------------------------------------------- captions, writer
+def test_captions_round_trip_through_written_shards(subset, shard_dir):
+    from webdataset import tariterators
+
+    direct = {s["key"]: s["captions"] for s in build_pair_dataset(subset, nothing)}
+    via = {s["key"]: s["captions"] for s in build_pair_dataset(str(shard_dir), nothing)}
+    assert len(direct) == 40 and direct == via
+    assert direct[subset[0]["key"]] == {"en": [subset[0]["en"]], "ko": [subset[0]["ko"]]}
+    sample = next(iter(tariterators.tarfile_samples([{"url": str(shard_dir / "000000.tar")}])))
+    meta = json.loads(sample["json"])
+    row = subset[0]
+    assert sample["png"] == Path(row["path"]).read_bytes()
+    assert meta["captions"] == {"en": [row["en"]], "ko": [row["ko"]]}
+    fields = ("key", "group", "subgroup", "base")
+    assert {k: meta[k] for k in fields} == {k: row[k] for k in fields}
+    assert "path" not in meta and "en" not in meta and sample["txt"].decode() == row["en"]
+    stats = json.loads((shard_dir / "stats.json").read_text())
+    assert stats["samples"] == 40 and len(stats["shards"]) == 6 and stats["shard_samples"] == [7] * 5 + [5]
+
+
+def test_write_shards_image_folder_and_errors(image_folder, rows, tmp_path, capsys):
+    stats = write_shards(str(image_folder), tmp_path / "mae", shard_size=5)
+    assert stats["all"]["samples"] == 12
+    assert stats["all"]["shards"] == ["000000.tar", "000001.tar", "000002.tar"]
+    assert not list((tmp_path / "mae").glob("*.tmp"))
+    got = [t.item() for t, n in build_image_dataset(str(tmp_path / "mae"), fingerprint)]
+    assert sorted(got) == sorted(fingerprint(load_rgb(r["path"])).item() for r in rows[:12])
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"file": "a.png"}\n{"file": oops}\n')
+    missing_img = tmp_path / "missing.jsonl"
+    missing_img.write_text('{"file": "nowhere.png", "en": "x"}\n')
+    cases = [
+        (["--manifest", str(tmp_path / "none.jsonl")], "manifest not found"),
+        (["--manifest", str(bad)], "bad.jsonl:2: bad JSON"),
+        (["--manifest", str(missing_img)], "image not found"),
+        (["--images", str(image_folder)], "already holds .tar shards"),
+    ]
+    for args, msg in cases:
+        out = str(tmp_path / "mae") if "--images" in args else str(tmp_path / "x")
+        assert data_main(["write-shards", *args, "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_write_shards_cli_with_split(manifest, rows, tmp_path, repo_root):
+    proc = subprocess.run(
+        [sys.executable, "-m", "clip.data", "write-shards", "--manifest", str(manifest),
+         "--out", str(tmp_path),
+         "--shard-size", "500", "--val-fraction", "0.15", "--split-key", "base"],
+        capture_output=True, text=True, cwd=repo_root, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads((tmp_path / "stats.json").read_text())["splits"]
+    assert stats["train"]["samples"] + stats["val"]["samples"] == 1598
+    assert 0.10 < stats["val"]["samples"] / 1598 < 0.20
+    train_rows, val_rows = split_rows(rows, 0.15, "base")
+    assert stats["val"]["samples"] == len(val_rows)
+    val_keys = {s["key"] for s in build_pair_dataset(str(tmp_path / "val"), nothing)}
+    assert val_keys == {r["key"] for r in val_rows}
+    assert len(list((tmp_path / "train").glob("*.tar"))) == len(stats["train"]["shards"]) == 3
+
+
+# ----------------------------------------------------------------------------- split
+def test_split_rows_is_deterministic_and_disjoint_by_key(rows):
+    fake = [{"key": f"{r['key']}-{t}", "base": r["base"]} for r in rows[:300] for t in range(3)]  # 3 per base
+    train, val = split_rows(fake, 0.2, seed=0)
+    assert (train, val) == split_rows(fake, 0.2, seed=0)
+    assert len(train) + len(val) == len(fake) and len(val) % 3 == 0
+    assert not {r["base"] for r in train} & {r["base"] for r in val}
+    assert 0.1 < len(val) / len(fake) < 0.3
+    assert split_rows(fake, 0.2, seed=1)[1] != val
+    assert split_rows(fake, 0.0)[1] == [] and split_rows(fake, 1.0)[0] == []
+    with pytest.raises(ValueError, match="nope"):
+        split_rows(fake, 0.2, key_field="nope")
+
+
+# ----------------------------------------------------------------------------- collate
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer_dir):
+    from tokenizer import BilingualTokenizer
+
+    return BilingualTokenizer.from_dir(str(tiny_tokenizer_dir))
+
+
+def two_crops(img):
+    return [torch.ones(3, 8, 8), torch.zeros(3, 4, 4)]
+
+
+def test_collate_all_languages(tokenizer):
+    tok = tokenizer
+    caps = [{"en": ["red apple"], "ko": ["빨간 사과"]}, {"ko": ["고양이", "새끼 고양이"]}, {"en": ["dog", "a dog", "puppy"]}]
+    samples = [{"image": two_crops(None), "captions": c, "key": k, "n_skipped": sk, "n_dropped": dr}
+               for c, k, sk, dr in zip(caps, "abc", (1, 0, 2), (0, 2, 0))]
+    batch = CaptionCollate(tok, ("en", "ko"), mode="all", seed=0)(samples)
+    T = tok.context_length
+    assert [im.shape for im in batch["images"]] == [(3, 3, 8, 8), (3, 3, 4, 4)]
+    assert batch["tokens"].shape == (3, 2, T) and batch["tokens"].dtype == torch.long
+    assert batch["text_mask"].tolist() == [[True, True], [False, True], [True, False]]
+    assert batch["languages"] == ["en", "ko"] and batch["keys"] == ["a", "b", "c"]
+    assert batch["n_skipped"] == 3 and batch["n_dropped"] == 2
+    assert torch.equal(batch["tokens"][0], tok.encode_batch(["red apple", "빨간 사과"]))
+    empty = [tok.sot_id, tok.eot_id] + [tok.pad_id] * (T - 2)
+    assert batch["tokens"][1, 0].tolist() == empty and batch["tokens"][2, 1].tolist() == empty
+    assert tok.decode(batch["tokens"][2, 0].tolist()).strip() in ("dog", "a dog", "puppy")
+
+
+def test_collate_sample_mode_and_determinism(tokenizer):
+    samples = [{"image": torch.zeros(3, 8, 8), "key": str(i), "n_skipped": 0,
+                "captions": {"en": [f"dog {i}", f"cat {i}"], "ko": [f"개 {i}"]}} for i in range(16)]
+    collate = CaptionCollate(tokenizer, ("en", "ko"), mode="sample", seed=5)
+    batch = collate(samples)
+    assert [im.shape for im in batch["images"]] == [(16, 3, 8, 8)]
+    assert batch["tokens"].shape == (16, 1, tokenizer.context_length)
+    assert batch["text_mask"].all() and batch["languages"] == ["mixed"]
+    langs = Counter(row[0] for row in batch["slot_languages"])
+    assert set(langs) == {"en", "ko"}  # mixed batch (16 draws: both appear for this seed)
+    again = CaptionCollate(tokenizer, ("en", "ko"), mode="sample", seed=5)(samples)
+    assert torch.equal(again["tokens"], batch["tokens"])
+    assert not torch.equal(collate(samples)["tokens"], batch["tokens"])  # next call, next draws
+    with pytest.raises(ValueError, match="mode"):
+        CaptionCollate(tokenizer, ("en",), mode="one")
+
+
+def test_pair_loader_end_to_end(subset, shard_dir, tokenizer):
+    ds = build_pair_dataset(str(shard_dir), mae_transform(32), languages=("en", "ko"))
+    loader = DataLoader(ds, batch_size=8, num_workers=2, collate_fn=CaptionCollate(tokenizer, ("en", "ko")))
+    batches = list(loader)
+    assert sum(len(b["keys"]) for b in batches) == 40
+    assert all(b["text_mask"].all() for b in batches)
+    assert batches[0]["images"][0].shape == (8, 3, 32, 32)
