@@ -99,7 +99,11 @@ def load_config(schema: type[T], path: Optional[str] = None, overrides: Optional
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
         data = loaded
         source = str(path)
-    for item in overrides or []:
+    base = _build(schema, data, prefix="", source=source)  # errors in the file name the file
+    if not overrides:
+        return base
+    data = {}
+    for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -108,7 +112,7 @@ def load_config(schema: type[T], path: Optional[str] = None, overrides: Optional
         except yaml.YAMLError:
             value = raw
         _set_dotted(data, key.strip(), value)
-    return _build(schema, data, prefix="", source=source)
+    return _build(schema, data, prefix="", source="command line", base=base)
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:

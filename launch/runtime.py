@@ -348,6 +348,11 @@ def resume_checkpoint(engine, out_dir: Path) -> int:
     path, client = engine.load_checkpoint(str(ckpt))
     if path is None:
         raise ConfigError(f"--resume: DeepSpeed could not load the checkpoint in {ckpt}")
+    # The optimizer state brings back the lr of the saved step under the old schedule (0 at the end
+    # of a finished cosine); recompute it from this run's schedule, which may have more steps.
+    sched = engine.lr_scheduler
+    sched.last_epoch -= 1
+    sched.step()
     return int(client.get("step", 0))
 
 
@@ -375,7 +380,8 @@ def train_loop(
     ``step_fn(batch, step) -> (loss, metrics)`` runs the forward on one micro-batch (already on the
     device). The loop does ``engine.backward`` / ``engine.step`` per micro-batch (DeepSpeed applies
     the optimizer at accumulation boundaries), stops on a non-finite loss on any rank, logs
-    rank-averaged metrics every ``run.log_every`` steps with a progress bar on rank 0, checkpoints
+    rank-averaged metrics every ``run.log_every`` steps with a progress bar on rank 0 (metrics named
+    ``count/...``, such as skipped samples, are summed over ranks into running totals), checkpoints
     every ``run.ckpt_every`` steps, and calls each ``(n, hook)`` of ``every`` after steps divisible
     by n (hooks run on every rank; what they return is logged).
     """
@@ -388,11 +394,14 @@ def train_loop(
         unit="step", file=sys.stderr, mininterval=1.0,
     )
     acc: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    totals: dict[str, float] = {}
     n_acc = 0
     t_last = time.perf_counter()
     step = start_step
     dtype = model_dtype(train)
     for step in range(start_step, train.steps):
+        lr = engine.get_lr()[0]  # the lr of this update (group 0 is never frozen; see param_groups)
         for _ in range(train.grad_accum):
             batch = to_device(next(batches), dist.device, dtype)
             loss, metrics = step_fn(batch, step)
@@ -406,7 +415,8 @@ def train_loop(
                 raise NonFiniteLoss(f"non-finite loss at step {step} (loss={loss.item()}); stopping")
             metrics = {"loss": loss.item(), **metrics}
             for k, v in metrics.items():
-                acc[k] = acc.get(k, 0.0) + float(v)
+                bucket = counts if k.startswith("count/") else acc
+                bucket[k] = bucket.get(k, 0.0) + float(v)
             n_acc += 1
         done = step + 1
         bar.update(1)
@@ -414,8 +424,12 @@ def train_loop(
             now = time.perf_counter()
             steps_since = n_acc / train.grad_accum
             avg = all_reduce_mean({k: v / n_acc for k, v in acc.items()}, dist)
+            for k in sorted(counts):
+                totals[k] = totals.get(k, 0.0) + all_reduce_sum(counts[k], dist)
+            counts = {}
             logs = {f"train/{k}": v for k, v in avg.items()}
-            logs["train/lr"] = engine.get_lr()[-1]
+            logs.update({f"train/{k.split('/', 1)[1]}_total": v for k, v in totals.items()})
+            logs["train/lr"] = lr
             logs["train/samples_per_s"] = steps_since * samples_per_step / max(now - t_last, 1e-9)
             monitor.log(done, logs)
             bar.set_postfix(loss=f"{avg['loss']:.4f}", sps=f"{logs['train/samples_per_s']:.1f}")
@@ -442,6 +456,14 @@ def infinite_batches(make_loader: Callable[[int], Iterable], start_epoch: int = 
         if n == 0:
             raise ConfigError("the data source yielded no batch for this rank (too few samples for the batch size?)")
         epoch += 1
+
+
+def epochs_done(step: int, num_samples: Optional[int], train: TrainConfig, dist: Dist) -> int:
+    """Whole epochs consumed by ``step`` optimizer steps (0 if the source size is unknown): a resumed
+    run starts its data at the next epoch's shuffle instead of replaying the first batches."""
+    if not num_samples or step == 0:
+        return 0
+    return step * global_batch(train, dist.world_size) // num_samples
 
 
 def run_main(main: Callable[[list[str]], Any], argv: Optional[list[str]] = None) -> None:
