@@ -1,0 +1,263 @@
+"""The CLIP model of stage 2: MAE-pretrained ViT image tower + GPT-2-style text tower.
+
+CLIP (Radford et al. 2021) as adapted by KELIP (Ko & Gu 2022): both towers are projected by a
+bias-free linear map to a joint ``embed_dim`` and L2-normalised; a learnable temperature
+``logit_scale`` (log-parameterised, init log(1/0.07)) scales the cosine similarities. The image
+tower is ``mae.vit.VisionTransformer``, so the MAE encoder export loads into ``visual`` by name
+(:func:`load_mae_encoder`). Optional FLIP-style patch dropout (Li et al. 2023) drops a share of
+the patch tokens in training only (timm's ``PatchDropout``; eval keeps all of them).
+
+Legend: B batch, V crops per image, C caption slots per image, T tokens, E joint width,
+Dv / Dt tower widths.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clip.text import TextConfig, TextTransformer
+from mae.vit import ViTConfig, VisionTransformer
+
+CLIP_FORMAT = "enko-clip/clip/v1"
+MAE_FORMAT = "enko-clip/mae-encoder/v1"
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    """Both towers, the joint width and the temperature. ``patch_dropout`` is training-only."""
+
+    vision: ViTConfig = field(default_factory=ViTConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 512
+    init_logit_scale: float = 1 / 0.07
+    max_logit_scale: float = 100.0
+    patch_dropout: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CLIPConfig":
+        """Inverse of ``dataclasses.asdict``; unknown keys are a ValueError."""
+        def build(kind, values, where):
+            names = {f.name for f in fields(kind)}
+            unknown = sorted(set(values) - names)
+            if unknown:
+                raise ValueError(f"{where}: unknown config keys {unknown}")
+            return kind(**values)
+        d = dict(d)
+        vision = build(ViTConfig, d.pop("vision", {}), "CLIPConfig.vision")
+        text = build(TextConfig, d.pop("text", {}), "CLIPConfig.text")
+        return build(cls, {**d, "vision": vision, "text": text}, "CLIPConfig")
+
+
+class CLIP(nn.Module):
+    """Two-tower contrastive model.
+
+    Args:
+        cfg: tower configs, joint width, temperature init / cap and patch dropout rate.
+    """
+
+    def __init__(self, cfg: CLIPConfig = CLIPConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTransformer(cfg.vision, patch_drop_rate=cfg.patch_dropout)
+        self.visual_proj = nn.Linear(cfg.vision.embed_dim, cfg.embed_dim, bias=False)
+        self.text = TextTransformer(cfg.text)
+        self.text_proj = nn.Linear(cfg.text.embed_dim, cfg.embed_dim, bias=False)
+        # shape (1,), not (): DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(cfg.init_logit_scale)))
+        # CLIP's projection init: std = width ** -0.5
+        nn.init.normal_(self.visual_proj.weight, std=cfg.vision.embed_dim ** -0.5)
+        nn.init.normal_(self.text_proj.weight, std=cfg.text.embed_dim ** -0.5)
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale) clamped at ``max_logit_scale``.
+
+        Only the returned value is clamped (as open_clip does at use); the parameter itself is
+        never modified. Above the cap the gradient to ``logit_scale`` is zero, so (it has no
+        weight decay) it stays where it crossed the cap.
+        """
+        return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale).squeeze(0)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) of any size divisible by the patch -> (B, E), L2-normalised."""
+        return F.normalize(self.visual_proj(self.visual(images)), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) with an EOT in every row -> (B, E), L2-normalised."""
+        return F.normalize(self.text_proj(self.text(tokens)), dim=-1)
+
+    def encode_crops(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        """V crop batches [(B, 3, H_v, W_v)] -> (V, B, E) in input order.
+
+        Crops of the same resolution go through the image tower as ONE batch (e.g. the two
+        224 px globals as (2B, ...) and the four 96 px locals as (4B, ...)).
+        """
+        if not crops:
+            raise ValueError("encode_crops needs at least one crop batch")
+        B = crops[0].shape[0]
+        if any(c.shape[0] != B for c in crops):
+            raise ValueError(f"crop batches differ in size: {[c.shape[0] for c in crops]}")
+        groups: dict[tuple[int, int], list[int]] = {}
+        for v, c in enumerate(crops):
+            groups.setdefault(tuple(c.shape[-2:]), []).append(v)
+        out: list[torch.Tensor | None] = [None] * len(crops)
+        for idx in groups.values():
+            feats = self.encode_image(torch.cat([crops[v] for v in idx]))  # (len(idx) * B, E)
+            for v, f in zip(idx, feats.split(B)):
+                out[v] = f
+        return torch.stack(out)  # (V, B, E)
+
+    def encode_captions(self, tokens: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Caption slots (B, C, T) -> (B, C, E); slots with ``text_mask`` False are zero.
+
+        Masked slots (whatever they hold) are run as a bare [EOT] row, which the text tower's
+        EOT truncation makes almost free; no boolean indexing, so no host sync.
+        """
+        B, C, T = tokens.shape
+        blank = torch.full_like(tokens[0, 0], self.cfg.text.pad_id)
+        blank[0] = self.cfg.text.eot_id
+        tokens = torch.where(text_mask[..., None], tokens, blank)  # (B, C, T)
+        feats = self.encode_text(tokens.reshape(B * C, T))  # (B*C, E)
+        return feats.reshape(B, C, -1) * text_mask[..., None].to(feats.dtype)  # (B, C, E)
+
+    def forward(self, crops: list[torch.Tensor], tokens: torch.Tensor,
+                text_mask: torch.Tensor | None = None):
+        """Returns ``(image_features (V, B, E), text_features (B, C, E), scale)`` for ClipLoss.
+
+        ``tokens`` is (B, C, T) (or (B, T) for one caption per image); ``text_mask`` (B, C)
+        marks the valid slots (default: all).
+        """
+        if tokens.ndim == 2:
+            tokens = tokens[:, None]  # (B, 1, T)
+        if text_mask is None:
+            text_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return self.encode_crops(crops), self.encode_captions(tokens, text_mask), self.scale()
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Same as :func:`param_groups_for_weight_decay` on this model."""
+        return param_groups_for_weight_decay(self, weight_decay)
+
+
+_NO_DECAY_NAMES = {"pos_embed", "cls_token", "reg_token", "logit_scale"}
+
+
+def no_weight_decay(name: str, param: torch.Tensor, module: nn.Module) -> bool:
+    """True for biases, norm weights, embeddings (token / position / cls) and logit_scale."""
+    return (param.ndim < 2 or isinstance(module, (nn.Embedding, nn.LayerNorm))
+            or name.rsplit(".", 1)[-1] in _NO_DECAY_NAMES)
+
+
+def param_groups_for_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: ``[{"params": decayed, "weight_decay": wd}, {"params": rest, 0.0}]``.
+
+    Decayed: every matrix / conv kernel of the blocks, patch embedding and projections. Not
+    decayed: see :func:`no_weight_decay`. Frozen parameters are left out.
+    """
+    decay, no_decay = [], []
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            (no_decay if no_weight_decay(name, p, module) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _load(path, what: str) -> dict:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle / zip errors: not a (safe) torch checkpoint
+        raise ValueError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise ValueError(f"{path}: not an enko-clip checkpoint (expected a dict with "
+                         "'format', 'config' and 'model')")
+    return ckpt
+
+
+def load_mae_encoder(model: CLIP, path) -> None:
+    """Load the MAE stage's ``mae_ckpt.pt`` into ``model.visual``; checks everything first.
+
+    Decoder and mask-token entries, if present, are dropped. Every other key must exist in
+    ``model.visual`` with the same shape, every visual key must be in the file, and the saved
+    ``ViTConfig`` must equal the model's; otherwise ONE ValueError lists every difference.
+    """
+    path = os.fspath(path)
+    ckpt = _load(path, "MAE encoder checkpoint")
+    fmt = ckpt.get("format")
+    if fmt == CLIP_FORMAT:
+        raise ValueError(f"{path} is a CLIP checkpoint (format {CLIP_FORMAT!r}), not an MAE "
+                         f"encoder export ({MAE_FORMAT!r}); pass the MAE run's mae_ckpt.pt, "
+                         "or use load_clip() to load a CLIP model")
+    if fmt != MAE_FORMAT:
+        raise ValueError(f"{path}: checkpoint format {fmt!r}, expected {MAE_FORMAT!r} "
+                         "(the mae_ckpt.pt exported by the MAE stage)")
+    problems = []
+    want_cfg = asdict(model.visual.cfg)
+    got_cfg = ckpt.get("config") or {}
+    for k in sorted(set(want_cfg) | set(got_cfg)):
+        if got_cfg.get(k, "<missing>") != want_cfg.get(k, "<missing>"):
+            problems.append(f"config.{k}: file {got_cfg.get(k, '<missing>')!r}, "
+                            f"model {want_cfg.get(k, '<missing>')!r}")
+    state = {k: v for k, v in ckpt["model"].items()
+             if not (k.startswith("decoder") or k == "mask_token")}
+    expected = model.visual.state_dict()
+    for k in sorted(set(expected) - set(state)):
+        problems.append(f"missing key {k} (model shape {tuple(expected[k].shape)})")
+    unexpected = sorted(set(state) - set(expected))
+    for k in unexpected:
+        problems.append(f"unexpected key {k} (file shape {tuple(state[k].shape)})")
+    for k in sorted(set(state) & set(expected)):
+        if state[k].shape != expected[k].shape:
+            problems.append(f"shape mismatch {k}: file {tuple(state[k].shape)}, "
+                            f"model {tuple(expected[k].shape)}")
+    if problems:
+        hint = ""
+        if unexpected and all(k.startswith("encoder.") for k in unexpected):
+            hint = (" (keys carry an 'encoder.' prefix: export encoder_state_dict(), "
+                    "not the whole MAE model)")
+        elif any(k.startswith(("visual.", "text.")) for k in unexpected):
+            hint = " (the weights look like a CLIP model's, not an MAE encoder's)"
+        raise ValueError(f"{path}: MAE encoder does not match the CLIP image tower{hint}; "
+                         f"{len(problems)} difference(s):\n  " + "\n  ".join(problems))
+    model.visual.load_state_dict(state, strict=True)
+
+
+def save_clip(model: CLIP, path) -> None:
+    """Write ``{"format", "config", "model"}`` atomically (temp file + os.replace)."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    ckpt = {"format": CLIP_FORMAT, "config": asdict(model.cfg),
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_clip(path, device="cpu") -> CLIP:
+    """Rebuild a :class:`CLIP` from ``clip_ckpt.pt`` (weights_only load); returned in eval mode."""
+    path = os.fspath(path)
+    ckpt = _load(path, "CLIP checkpoint")
+    fmt = ckpt.get("format")
+    if fmt == MAE_FORMAT:
+        raise ValueError(f"{path} is an MAE encoder export ({MAE_FORMAT!r}), not a CLIP "
+                         "checkpoint; use load_mae_encoder() to start CLIP training from it")
+    if fmt != CLIP_FORMAT:
+        raise ValueError(f"{path}: checkpoint format {fmt!r}, expected {CLIP_FORMAT!r}")
+    model = CLIP(CLIPConfig.from_dict(ckpt["config"]))
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:  # missing / unexpected keys or shapes, all listed by torch
+        raise ValueError(f"{path}: weights do not match the saved config: {e}") from None
+    return model.to(device).eval()

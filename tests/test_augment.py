@@ -1,0 +1,87 @@
+"""Multi-crop views and the evaluation transform on a real bundled emoji."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from clip.augment import CLIP_MEAN, CLIP_STD, MultiCrop, MultiCropConfig, eval_transform
+
+
+@pytest.fixture(scope="module")
+def emoji(data_dir):
+    rgba = Image.open(data_dir / "emoji" / "img" / "1f600.png").convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")  # (136 x 128)
+
+
+def test_default_multicrop_shapes(emoji):
+    torch.manual_seed(0)
+    crops = MultiCrop(MultiCropConfig())(emoji)
+    assert [tuple(c.shape) for c in crops] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 4
+    assert all(c.dtype == torch.float32 for c in crops)
+    assert not torch.equal(crops[0], crops[1])  # two different random views
+    lo = (0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    hi = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    for c in crops:  # normalised with CLIP's mean / std
+        assert (c.amin(dim=(1, 2)) >= lo - 1e-4).all() and (c.amax(dim=(1, 2)) <= hi + 1e-4).all()
+
+
+def test_plain_clip_is_one_global_crop(emoji):
+    crops = MultiCrop(MultiCropConfig(global_crops=1, local_crops=0))(emoji)
+    assert len(crops) == 1 and crops[0].shape == (3, 224, 224)
+    with pytest.raises(ValueError, match="global_crops >= 1"):
+        MultiCrop(MultiCropConfig(global_crops=0))
+
+
+def test_crop_scales_are_configurable(emoji):
+    mc = MultiCrop(MultiCropConfig(global_crops=1, local_crops=1, global_scale=(1.0, 1.0),
+                                   local_scale=(0.01, 0.01)))
+    rrc = [t for t in mc.global_transform.transforms if isinstance(t, v2.RandomResizedCrop)]
+    assert rrc[0].scale == (1.0, 1.0)
+    assert [t for t in mc.local_transform.transforms
+            if isinstance(t, v2.RandomResizedCrop)][0].scale == (0.01, 0.01)
+
+
+def test_strong_switch_changes_pipeline(emoji):
+    def kinds(mc):
+        names = []
+        for t in mc.global_transform.transforms:
+            inner = t.transforms if isinstance(t, v2.RandomApply) else [t]
+            names += [type(x).__name__ for x in inner]
+        return names
+
+    weak, strong = MultiCrop(MultiCropConfig()), MultiCrop(MultiCropConfig(strong=True))
+    assert not {"ColorJitter", "RandomGrayscale", "GaussianBlur"} & set(kinds(weak))
+    assert {"ColorJitter", "RandomGrayscale", "GaussianBlur"} <= set(kinds(strong))
+    jitter = [x for t in strong.global_transform.transforms if isinstance(t, v2.RandomApply)
+              for x in t.transforms if isinstance(x, v2.ColorJitter)][0]
+    assert jitter.brightness == (0.6, 1.4) and jitter.hue == (-0.1, 0.1)
+    blur = [x for t in strong.local_transform.transforms if isinstance(t, v2.RandomApply)
+            for x in t.transforms if isinstance(x, v2.GaussianBlur)][0]
+    assert blur.kernel_size == (9, 9)  # ~10% of a 96 px crop, odd
+    # same seed, same geometry: the strong pipeline gives different pixels at least once
+    differ = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        a = weak(emoji)[0]
+        torch.manual_seed(seed)
+        b = weak(emoji)[0]
+        assert torch.equal(a, b)  # reproducible under a seed
+        torch.manual_seed(seed)
+        differ.append(not torch.allclose(strong(emoji)[0], a))
+    assert any(differ)
+
+
+def test_eval_transform_resize_and_center_crop(emoji):
+    x = eval_transform(224)(emoji)
+    assert x.shape == (3, 224, 224)
+    # a 100 x 50 image: shorter side -> 64, center crop keeps the middle
+    img = Image.new("RGB", (100, 50), (255, 255, 255))
+    img.paste((0, 0, 0), (0, 0, 20, 50))  # -> resized columns 0..25.6: outside the crop 32..96
+    img.paste((0, 0, 0), (45, 0, 55, 50))  # -> 57.6..70.4: crop columns 25.6..38.4
+    y = eval_transform(64, mean=(0, 0, 0), std=(1, 1, 1))(img)
+    assert y.shape == (3, 64, 64)
+    assert y[:, :, :22].min() > 0.95 and y[:, :, 42:].min() > 0.95  # left band cropped away
+    assert y[:, :, 28:36].max() < 0.05  # the middle stripe is kept, in the middle
