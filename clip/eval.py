@@ -1,8 +1,8 @@
 """Zero-shot evaluation of a trained bilingual CLIP: classification, retrieval, cross-lingual retrieval.
 
 Follows the protocols of KELIP (Ko et al. 2022: zero-shot classification with English and Korean
-class names, zero-shot image-text retrieval R@1/5/10) and Parallel Multilingual CLIP (Carlsson
-et al. 2022: per language, accuracy@k of finding the image of a caption and the distribution of
+class names, zero-shot image-text retrieval R@1/5/10) and Parallel Multilingual CLIP (Krasner & Lanuzo:
+per language, accuracy@k of finding the image of a caption and the distribution of
 its rank). Metric conventions (1-based ranks, pessimistic ties, ANY-caption hits) are those of
 :mod:`clip.metrics`, and every metrics JSON repeats them (``rank_base``, ``ties``).
 

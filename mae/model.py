@@ -2,8 +2,8 @@
 Scalable Vision Learners"), following the reference code (facebookresearch/mae, models_mae.py).
 
 Each image keeps a random ``floor(L * (1 - mask_ratio))`` of its patches (12 of 49 for ViT-B/32
-at 224 px and ratio 0.75). The encoder (:class:`mae.vit.VisionTransformer`) sees only those and
-the cls token; a light decoder gets the encoded tokens back in place, a learned mask token in every
+at 224 px and ratio 0.75). The encoder (:class:`mae.vit.VisionTransformer`) embeds and encodes
+only those and the cls token; a light decoder gets the encoded tokens back in place, a learned mask token in every
 other slot, and predicts the pixels of every patch; the loss is the MSE on the masked patches,
 against per-patch normalised pixels by default (``norm_pix_loss``). Encoder and decoder position
 embeddings are fixed 2-D sin-cos tables (not trained here; CLIP trains the encoder's later).
@@ -19,9 +19,9 @@ import tempfile
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block
-import torch.nn.functional as F
 from torch import nn
 
 from mae.vit import ViTConfig, VisionTransformer
@@ -263,10 +263,10 @@ class MaskedAutoencoder(nn.Module):
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error over the masked patches only (fp32)."""
-        target = self.patchify(imgs)  # (B, L, P)
+        target = self.patchify(imgs).float()  # (B, L, P)
         if self.cfg.norm_pix_loss:
             target = normalize_patches(target)[0]
-        loss = (pred.float() - target.float()).pow(2).mean(dim=-1)  # (B, L)
+        loss = (pred.float() - target).pow(2).mean(dim=-1)  # (B, L)
         return (loss * mask).sum() / mask.sum()
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None):

@@ -1,0 +1,159 @@
+"""Train-step throughput of our ViT-B/32 MAE against Hugging Face's ``ViTMAEForPreTraining``.
+
+Both models are built with the same sizes (ViT-B/32 encoder at 224 px, 8 x 512 decoder with 16
+heads, ratio 0.75, norm-pix loss), randomly initialised (nothing is downloaded), and trained on the
+same random batch in fp32 with AdamW: warmup steps, then timed steps of forward + backward + step.
+Each model runs in a fresh subprocess so that its peak memory is its own (ru_maxrss on CPU,
+``torch.cuda.max_memory_allocated`` on CUDA); ``--rounds`` alternates the two models, and the
+ratio compares each model's fastest step, which is what survives noisy neighbours best.
+
+    python bench/mae.py --batch-size 32 --steps 5 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+# Running this file puts bench/ first on sys.path, where this very "mae.py" would shadow the
+# `mae` package; drop that entry so `import mae.model` finds the project.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import torch  # noqa: E402
+
+MODELS = ("ours", "hf")
+
+
+def build(name: str):
+    """The model and a function batch -> loss."""
+    if name == "ours":
+        from mae.model import MAEConfig, MaskedAutoencoder
+
+        model = MaskedAutoencoder(MAEConfig())
+        return model, (lambda x: model(x)[0]), "timm Block, F.scaled_dot_product_attention"
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    cfg = ViTMAEConfig(
+        image_size=224, patch_size=32, num_channels=3, hidden_size=768, num_hidden_layers=12,
+        num_attention_heads=12, intermediate_size=3072, decoder_hidden_size=512,
+        decoder_num_hidden_layers=8, decoder_num_attention_heads=16, decoder_intermediate_size=2048,
+        mask_ratio=0.75, norm_pix_loss=True, layer_norm_eps=1e-6, qkv_bias=True,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    cfg._attn_implementation = "sdpa"
+    model = ViTMAEForPreTraining(cfg)
+    return model, (lambda x: model(pixel_values=x).loss), f"attn_implementation={cfg._attn_implementation}"
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def worker(args) -> dict:
+    """Time one model in this process; returns the measurements."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model, loss_fn, note = build(args.worker)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1.5e-4, weight_decay=0.05)
+    x = torch.randn(args.batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
+    cuda = device.type == "cuda"
+    rss_before = rss_mib()
+
+    def sync() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def step() -> tuple[float, list[float]]:
+        """One train step; returns the loss and the seconds of forward, backward, optimiser."""
+        t0 = sync()
+        loss = loss_fn(x)
+        t1 = sync()
+        loss.backward()
+        t2 = sync()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t3 = sync()
+        return loss.item(), [t1 - t0, t2 - t1, t3 - t2]
+
+    for _ in range(args.warmup):
+        step()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    phases = []
+    for _ in range(args.steps):
+        loss, ph = step()
+        phases.append(ph)
+    times = [sum(ph) for ph in phases]
+    out = {
+        "model": args.worker,
+        "note": note,
+        "params_trainable_M": sum(p.numel() for p in params) / 1e6,
+        "samples_per_s": args.batch_size * len(times) / sum(times),
+        "median_step_s": statistics.median(times),
+        "min_step_s": min(times),
+        "step_s": [round(t, 4) for t in times],
+        "min_fwd_bwd_opt_s": [min(col) for col in zip(*phases)],
+        "loss": loss,
+    }
+    if cuda:
+        out["peak_mem_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        out["peak_rss_MiB"] = rss_mib()
+        out["rss_growth_MiB"] = rss_mib() - rss_before  # training-time peak over the built model
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--rounds", type=int, default=2, help="alternate ours/hf this many times")
+    ap.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    print(f"device={args.device} threads={args.threads} batch={args.batch_size} "
+          f"warmup={args.warmup} steps={args.steps} torch={torch.__version__}", flush=True)
+    results: dict[str, list[dict]] = {m: [] for m in MODELS}
+    for r in range(args.rounds):
+        for name in MODELS:
+            cmd = [sys.executable, __file__, "--worker", name, "--batch-size", str(args.batch_size),
+                   "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--threads", str(args.threads), "--device", args.device]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"{name} worker failed:\n{proc.stderr.strip()}")
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[name].append(res)
+            mem = (f"peak GPU mem {res['peak_mem_MiB']:.0f} MiB" if "peak_mem_MiB" in res else
+                   f"peak RSS {res['peak_rss_MiB']:.0f} MiB (+{res['rss_growth_MiB']:.0f} MiB in training)")
+            print(f"round {r}: {name:4s} {res['samples_per_s']:7.2f} samples/s  "
+                  f"median step {res['median_step_s']:.3f} s  "
+                  f"(min fwd/bwd/opt {'/'.join(f'{t:.3f}' for t in res['min_fwd_bwd_opt_s'])} s)  {mem}  "
+                  f"[{res['params_trainable_M']:.1f}M trainable; {res['note']}]", flush=True)
+    # On a shared machine a slow step says more about the neighbours than the model: the ratio
+    # uses each model's fastest step over all rounds (mean-based throughput printed beside it).
+    mean = {m: max(r["samples_per_s"] for r in results[m]) for m in MODELS}
+    best = {m: args.batch_size / min(r["min_step_s"] for r in results[m]) for m in MODELS}
+    print(f"fastest step over {args.rounds} round(s): ours {best['ours']:.2f} samples/s, "
+          f"hf {best['hf']:.2f} samples/s, ratio ours/hf = {best['ours'] / best['hf']:.3f} "
+          f"(best-round mean throughput ratio {mean['ours'] / mean['hf']:.3f})")
+
+if __name__ == "__main__":
+    main()
