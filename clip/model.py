@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip.text import TextConfig, TextTransformer
-from mae.vit import ViTConfig, VisionTransformer
+from mae.vit import POOLS, ViTConfig, VisionTransformer
 
 CLIP_FORMAT = "enko-clip/clip/v1"
 MAE_FORMAT = "enko-clip/mae-encoder/v1"
@@ -37,6 +37,15 @@ class CLIPConfig:
     init_logit_scale: float = 1 / 0.07
     max_logit_scale: float = 100.0
     patch_dropout: float = 0.0
+    # Image embedding: mean of the patch outputs ("avg", as MAE fine-tunes its encoder) or the cls
+    # output ("token", as OpenAI CLIP). MAE never trains its cls token for anything, so after a
+    # short MAE run the cls output is almost the same for every image (cosine 0.9999 across the
+    # emoji after the 60-step ViT-B/32 demo) and a frozen MAE tower gives CLIP nothing to align.
+    vision_pool: str = "avg"
+
+    def __post_init__(self):
+        if self.vision_pool not in POOLS:
+            raise ValueError(f"CLIPConfig.vision_pool must be one of {POOLS}, got {self.vision_pool!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPConfig":
@@ -63,7 +72,7 @@ class CLIP(nn.Module):
     def __init__(self, cfg: CLIPConfig = CLIPConfig()):
         super().__init__()
         self.cfg = cfg
-        self.visual = VisionTransformer(cfg.vision, patch_drop_rate=cfg.patch_dropout)
+        self.visual = VisionTransformer(cfg.vision, patch_drop_rate=cfg.patch_dropout, global_pool=cfg.vision_pool)
         self.visual_proj = nn.Linear(cfg.vision.embed_dim, cfg.embed_dim, bias=False)
         self.text = TextTransformer(cfg.text)
         self.text_proj = nn.Linear(cfg.text.embed_dim, cfg.embed_dim, bias=False)

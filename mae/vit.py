@@ -29,22 +29,31 @@ class ViTConfig:
     mlp_ratio: float = 4.0
 
 
+POOLS = ("token", "avg")
+
+
 class VisionTransformer(_TimmViT):
-    """timm ViT with cls-token output and position embeddings resized to any input size.
+    """timm ViT with a pooled output and position embeddings resized to any input size.
 
     Args:
         cfg: encoder sizes.
         patch_drop_rate: FLIP-style share of patch tokens dropped at random in training
             (timm's ``PatchDropout``; the cls token is always kept). 0 disables it.
+        global_pool: ``"token"`` (the cls output) or ``"avg"`` (mean of the patch outputs).
+            Either way the final LayerNorm is applied to every token before pooling
+            (``fc_norm=False``), so the state dict is the same and loads into timm's ViT-B/32.
     """
 
-    def __init__(self, cfg: ViTConfig = ViTConfig(), patch_drop_rate: float = 0.0):
+    def __init__(self, cfg: ViTConfig = ViTConfig(), patch_drop_rate: float = 0.0, global_pool: str = "token"):
+        if global_pool not in POOLS:
+            raise ValueError(f"global_pool must be one of {POOLS}, got {global_pool!r}")
         super().__init__(
             img_size=cfg.img_size,
             patch_size=cfg.patch_size,
             in_chans=cfg.in_chans,
             num_classes=0,
-            global_pool="token",
+            global_pool=global_pool,
+            fc_norm=False,
             embed_dim=cfg.embed_dim,
             depth=cfg.depth,
             num_heads=cfg.num_heads,

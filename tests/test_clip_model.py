@@ -119,9 +119,24 @@ def test_96px_position_embedding_matches_timm(model):
     x = torch.randn(2, 3, 96, 96)
     patches = v.patch_embed(x).reshape(2, 9, -1)  # (B, L, D)
     seq = torch.cat([v.cls_token.expand(2, -1, -1), patches], dim=1) + pos  # (B, 1 + L, D)
-    manual = v.norm(v.blocks(seq))[:, 0]
-    assert torch.allclose(v(x), manual, atol=1e-5)
+    out = v.norm(v.blocks(seq))  # (B, 1 + L, D)
+    assert model.cfg.vision_pool == "avg"  # the default: mean of the patch outputs
+    assert torch.allclose(v(x), out[:, 1:].mean(dim=1), atol=1e-5)
     assert model.encode_image(x).shape == (2, 8)
+
+
+def test_vision_pool_token_vs_avg_same_weights():
+    torch.manual_seed(0)
+    avg = CLIP(CFG).eval()
+    tok = CLIP(replace(CFG, vision_pool="token")).eval()
+    assert list(avg.state_dict()) == list(tok.state_dict())  # pooling adds or renames no weight
+    tok.load_state_dict(avg.state_dict())
+    x = torch.randn(3, 3, 224, 224)
+    seq = avg.visual.forward_features(x)  # (B, 1 + 49, D), final norm applied to every token
+    assert torch.allclose(avg.visual(x), seq[:, 1:].mean(dim=1), atol=1e-5)
+    assert torch.allclose(tok.visual(x), seq[:, 0], atol=1e-5)
+    with pytest.raises(ValueError, match="vision_pool"):
+        CLIPConfig(vision_pool="max")
 
 
 def test_patch_dropout_train_only():
