@@ -8,7 +8,7 @@ its rank). Metric conventions (1-based ranks, pessimistic ties, ANY-caption hits
 
     python -m clip.eval zeroshot     --checkpoint RUN --data data/emoji/captions.jsonl --label-field group \\
                                      --classnames names.json --out eval/
-    python -m clip.eval retrieval    --checkpoint RUN --manifest data/emoji/captions.jsonl --split val \\
+    python -m clip.eval retrieval    --checkpoint RUN --data data/emoji/captions.jsonl --split val \\
                                      --out eval/
     python -m clip.eval crosslingual --checkpoint RUN --pairs data/parallel/en_ko.tsv --out eval/
 
@@ -360,7 +360,8 @@ def _parser() -> argparse.ArgumentParser:
                    "language uses the label itself ('-'/'_' as spaces)")
     z.add_argument("--templates", help="JSON {lang: [template with {}...]} (default: built-in prompts)")
     r = sub.add_parser("retrieval", parents=[common, rows], help="image<->text retrieval")
-    r.add_argument("--manifest", required=True, help="JSONL: file + captions[lang] or lang fields")
+    r.add_argument("--data", "--manifest", dest="manifest", required=True,
+                   help="JSONL manifest: file + captions[lang] or lang fields")
     c = sub.add_parser("crosslingual", parents=[common], help="text->text retrieval between languages")
     c.add_argument("--pairs", required=True, help="TSV with the language columns in its header")
     c.add_argument("--max-pairs", type=int, help="only the first N pairs after deduplication")

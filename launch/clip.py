@@ -116,7 +116,7 @@ def split_sources(data: CLIPDataConfig):
 
 
 class Validator:
-    """Held-out loss and retrieval R@k per language, on rank 0 with a single 224 px crop."""
+    """Held-out loss and retrieval R@k per language, on rank 0 with a single centre crop."""
 
     def __init__(self, rows, cfg: CLIPRunConfig, tokenizer: BilingualTokenizer, dist: rt.Dist):
         from clip.metrics import retrieval_metrics
@@ -130,6 +130,19 @@ class Validator:
         self.batches = list(torch.utils.data.DataLoader(ds, batch_size=64, collate_fn=collate))
         self.n = sum(len(b["keys"]) for b in self.batches)
 
+    def batch_loss(self, img, txt, mask, scale) -> float:
+        """Mean InfoNCE over held-out batches as large as a training step's contrastive batch
+        (micro batch x ranks), drawn by a fixed random partition, as open_clip's val loss: the
+        same scale and chance level as ``train/loss``. (Over all N held-out rows at once the loss
+        would sit near ln N instead and not be comparable with the training curve.)"""
+        n, bs = len(img), self.cfg.train.micro_batch_size * self.dist.world_size
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(img.device)
+        chunks = [perm[i:i + bs] for i in range(0, n, bs)]
+        if len(chunks) > 1 and len(chunks[-1]) < bs:
+            chunks.pop()  # a short last batch would have an easier (lower-chance) loss
+        total = sum(ClipLoss()(img[c][None], txt[c], mask[c], scale).item() * len(c) for c in chunks)
+        return total / sum(len(c) for c in chunks)
+
     @torch.no_grad()
     def __call__(self, model: CLIP, dtype: torch.dtype) -> dict:
         was_training = model.training
@@ -142,8 +155,7 @@ class Validator:
             masks.append(b["text_mask"])
         model.train(was_training)
         img, txt, mask = torch.cat(imgs), torch.cat(txts), torch.cat(masks)  # (N, E), (N, C, E), (N, C)
-        loss = ClipLoss()(img[None], txt, mask, model.scale().float())
-        out = {"val/loss": loss.item()}
+        out = {"val/loss": self.batch_loss(img, txt, mask, model.scale().float())}
         for c, lang in enumerate(self.cfg.data.languages):
             has = mask[:, c]
             m = self.metrics_fn(img, txt[has, c], torch.nonzero(has).squeeze(1), ks=(1, 5, 10))

@@ -82,7 +82,7 @@ def summary(out: Path, times: dict) -> None:
     for name, s in x["directions"].items():
         print(f"cross-lingual {name}: R@1 {s['recall@1']:.2%}, R@5 {s['recall@5']:.2%} over {x.get('n_pairs')} pairs")
     print("time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()))
-    pngs = sorted(str(p) for p in [*out.glob("mae/*.png"), *out.glob("mae/recon/*.png")][-2:]) + \
+    pngs = sorted(str(p) for p in out.glob("mae/*.png")) + sorted(str(p) for p in out.glob("mae/recon/*.png"))[-1:] + \
         sorted(str(p) for p in [*out.glob("clip/*.png"), *ev.glob("*.png")])
     print("charts:\n  " + "\n  ".join(pngs))
 
