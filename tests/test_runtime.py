@@ -59,6 +59,17 @@ def test_param_groups_exclude_norms_biases_and_freeze():
     assert by == {(0.05, 0): 3, (0.0, 0): 1, (0.05, 5): 6, (0.0, 5): 3 + 3 + 3}
 
 
+def _another_port(taken: int) -> int:
+    import socket
+
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port != taken:
+            return port
+
+
 def _run(cmd, cwd):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
@@ -68,18 +79,23 @@ def _run(cmd, cwd):
 
 @pytest.mark.slow
 def test_two_ranks_equal_one_rank(tmp_path, free_port):
-    """1 x 8 (plain python), 1 x 4 x accum 2, and deepspeed 2 ranks x 4 with ZeRO-2 end equal."""
+    """1 x 8 (plain python), 1 x 4 x accum 2, deepspeed 2 ranks x 4 with ZeRO-2, and torchrun
+    2 ranks x 4 all end equal."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     runs = {
         "one": [sys.executable, SCRIPT, str(tmp_path / "one")],
         "accum": [sys.executable, SCRIPT, str(tmp_path / "accum"), "train.micro_batch_size=4", "train.grad_accum=2"],
         "two": ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port), SCRIPT, str(tmp_path / "two"),
                 "train.micro_batch_size=4", "train.zero_stage=2"],
+        "torchrun": [torchrun if os.path.exists(torchrun) else "torchrun", "--nproc_per_node", "2",
+                     "--master_port", str(_another_port(free_port)), SCRIPT,
+                     str(tmp_path / "torchrun"), "train.micro_batch_size=4"],
     }
     for cmd in runs.values():
         _run(cmd, cwd=tmp_path)  # not the repo root: the runtime must not depend on the working directory
     final = {k: torch.load(tmp_path / k / "final.pt", weights_only=True) for k in runs}
     start = torch.nn.Sequential(torch.nn.Linear(6, 16))  # the weights did move
-    for name in ("accum", "two"):
+    for name in ("accum", "two", "torchrun"):
         for key, ref in final["one"].items():
             torch.testing.assert_close(final[name][key], ref, rtol=1e-5, atol=1e-6, msg=f"{name}:{key}")
     assert (tmp_path / "two" / "config.yaml").is_file() and (tmp_path / "two" / "ds_config.json").is_file()
