@@ -100,3 +100,15 @@ def test_two_ranks_equal_one_rank(tmp_path, free_port):
             torch.testing.assert_close(final[name][key], ref, rtol=1e-5, atol=1e-6, msg=f"{name}:{key}")
     assert (tmp_path / "two" / "config.yaml").is_file() and (tmp_path / "two" / "ds_config.json").is_file()
     assert final["one"]["0.weight"].abs().sum() != start[0].weight.abs().sum()
+
+
+def test_adamw_is_fused_where_supported():
+    from launch.runtime import adamw
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = adamw([{"params": [p]}], lr=0.1, betas=(0.9, 0.95), eps=1e-8)
+    assert opt.defaults["fused"] is True  # torch >= 2.4 has the fused kernel on CPU and CUDA
+    p.grad = torch.full_like(p, 2.0)
+    opt.step()
+    # one AdamW step moves every weight by lr * sign(grad) (m_hat / sqrt(v_hat) = 1) after decay
+    torch.testing.assert_close(p.detach(), torch.full((3,), 1.0 * (1 - 0.1 * 0.01) - 0.1))
