@@ -126,7 +126,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="folder for the runs and results.{json,md,png}")
     p.add_argument("--tokenizer", default="runs/tokenizer", help="tokenizer folder (data.tokenizer)")
     p.add_argument("--mae-ckpt", default=None, help="reuse this mae_ckpt.pt instead of training the MAE preset")
-    p.add_argument("--gpus", type=int, default=2, help="processes per run (deepspeed --num_gpus)")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="processes per run (deepspeed --num_gpus); 1 as in the demo: more processes multiply the global batch")
     p.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every CLIP run")
     args = p.parse_args(argv)
     exp = yaml.safe_load(Path(args.experiment).read_text(encoding="utf-8"))
