@@ -3,9 +3,9 @@
     python -m launch.demo [--out runs/demo] [--nproc 1]
 
 Each stage runs exactly as a user would run it (the commands are printed), with the small demo
-presets in ``configs/demo/`` so that a 2-core CPU finishes in about a quarter of an hour. It ends
-with a table of English and Korean figures on the held-out emoji (never trained on) and the paths
-of the charts.
+presets in ``configs/demo/`` so that a 2-core CPU finishes in about 3 minutes (the first DeepSpeed
+launch of a machine adds ~1 min to compile its comm op). It ends with a table of English and
+Korean figures on the held-out emoji (never trained on) and the paths of the charts.
 """
 from __future__ import annotations
 
