@@ -44,11 +44,9 @@ def _flat(overrides: dict) -> list[str]:
 
 def _launch(script: str, args: list[str], gpus: int, log: Path) -> float:
     """One ``deepspeed`` run; returns its wall time. Exits 2 with the log's tail on failure."""
-    import socket
+    from launch.runtime import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     exe = Path(sys.executable).parent / "deepspeed"
     cmd = [str(exe) if exe.exists() else "deepspeed", "--num_gpus", str(gpus), "--master_port", str(port),
            str(ROOT / "launch" / script), *args]

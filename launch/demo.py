@@ -13,19 +13,14 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from launch.runtime import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd: list[str], title: str) -> float:
@@ -48,9 +43,9 @@ def main(argv=None) -> None:
     ds = [str(Path(py).with_name("deepspeed")), "--num_gpus", str(args.nproc)]
     times["tokenizer"] = run([py, "-m", "tokenizer.train", "--corpus", "data/corpus/en.txt", "data/corpus/ko.txt",
                               "--vocab-size", "16384", "--out", str(out / "tokenizer")], "1/4 bilingual BPE tokenizer")
-    times["mae"] = run(ds + ["--master_port", str(_port()), "launch/mae.py", "--config", "configs/demo/mae.yaml",
+    times["mae"] = run(ds + ["--master_port", str(free_port()), "launch/mae.py", "--config", "configs/demo/mae.yaml",
                              f"run.out_dir={out / 'mae'}"], "2/4 MAE pretraining of the image encoder")
-    times["clip"] = run(ds + ["--master_port", str(_port()), "launch/clip.py", "--init", str(out / "mae" / "mae_ckpt.pt"),
+    times["clip"] = run(ds + ["--master_port", str(free_port()), "launch/clip.py", "--init", str(out / "mae" / "mae_ckpt.pt"),
                               "--config", "configs/demo/clip.yaml", f"run.out_dir={out / 'clip'}",
                               f"data.tokenizer={out / 'tokenizer'}"], "3/4 bilingual CLIP from the MAE encoder")
     ev = [py, "-m", "clip.eval"]

@@ -48,8 +48,6 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def free_port() -> int:
     """A free TCP port on localhost for a launcher's rendezvous."""
-    import socket
+    from launch.runtime import free_port as find
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return find()

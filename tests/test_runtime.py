@@ -60,14 +60,11 @@ def test_param_groups_exclude_norms_biases_and_freeze():
 
 
 def _another_port(taken: int) -> int:
-    import socket
+    from launch.runtime import free_port as find
 
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port != taken:
-            return port
+    while (port := find()) == taken:
+        pass
+    return port
 
 
 def _run(cmd, cwd):

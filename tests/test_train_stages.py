@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from launch.runtime import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -36,18 +37,12 @@ MICRO = 16  # per rank: the demo's global batch of 32 (MAE) on 2 ranks, and 2 x 
 CLIP_STEPS = 600  # 600 x 32 samples, the demo's 1,200 x 16
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _deepspeed(script: Path, args: list[str], cwd: Path, log: Path) -> None:
     """``deepspeed --num_gpus 2 script args`` in ``cwd``; the test fails with the log's tail."""
     exe = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
     assert exe, "the deepspeed launcher is not installed next to this python"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [exe, "--num_gpus", "2", "--master_port", str(_free_port()), str(script), *args]
+    cmd = [exe, "--num_gpus", "2", "--master_port", str(free_port()), str(script), *args]
     with open(log, "w") as f:
         proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=600)
     if proc.returncode != 0:
