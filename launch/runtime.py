@@ -480,12 +480,25 @@ def epochs_done(step: int, num_samples: Optional[int], train: TrainConfig, dist:
     return step * global_batch(train, dist.world_size) // num_samples
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group, if any. Left to interpreter exit, the teardown of gloo's and
+    DeepSpeed's communication threads can abort a rank ("terminate called without an active
+    exception", exit code 250) after a run that finished correctly."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def run_main(main: Callable[[list[str]], Any], argv: Optional[list[str]] = None) -> None:
-    """Call an entry point; configuration and input errors are one line on stderr and exit 2."""
+    """Call an entry point and then leave the process group; configuration and input errors are
+    one line on stderr and exit 2."""
     try:
         main(sys.argv[1:] if argv is None else argv)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # no rank leaves while another still works or communicates
     except (ConfigError, FileNotFoundError, NonFiniteLoss) as e:
         rank = os.environ.get("RANK", "0")
         if rank == "0":
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        shutdown_distributed()

@@ -4,7 +4,6 @@ Every rank takes its slice of a fixed global batch per step, so 1 process x B an
 B/N must end with the same weights. Usage: ``deepspeed --num_gpus N tests/scripts/dp_runtime.py
 OUT_DIR [key=value ...]``.
 """
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 
 from launch.config import RunConfig, TrainConfig, load_config
 from launch.runtime import (Monitor, build_engine, infinite_batches, init_distributed, param_groups,
-                            prepare_run_dir, set_seed, train_loop)
+                            prepare_run_dir, run_main, set_seed, train_loop)
 
 
 @dataclass(frozen=True)
@@ -53,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)
