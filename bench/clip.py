@@ -69,6 +69,7 @@ def run_variant(name: str, args) -> dict:
     else:
         from clip.loss import ClipLoss
         from clip.model import CLIP, CLIPConfig
+        from launch.optim import param_groups
         pd = 0.5 if name == "ours_pd0.5" else 0.0
         model = CLIP(CLIPConfig(patch_dropout=pd))
         loss_fn = ClipLoss()
@@ -79,7 +80,7 @@ def run_variant(name: str, args) -> dict:
             img, txt, scale = model([images], tokens)  # (1, B, E), (B, 1, E)
             return loss_fn(img, txt, torch.ones(txt.shape[:2], dtype=torch.bool,
                                                 device=txt.device), scale)
-        params = model.param_groups(0.2)
+        params = param_groups(model, 0.2)
     model.to(device).train()
     images, tokens = images.to(device), tokens.to(device)
     try:

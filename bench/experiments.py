@@ -8,7 +8,7 @@ An experiment file names the MAE and CLIP presets and the runs, each ``{init: ma
 overrides: {dotted.key: value}}``. The MAE stage is trained once (or ``--mae-ckpt`` reuses one)
 and shared by every ``init: mae`` run; each run is ``deepspeed --num_gpus N launch/clip.py``.
 A run folder that already holds ``clip_ckpt.pt`` is reused (delete it to retrain). Every run is
-then evaluated with :func:`clip.eval.evaluate_retrieval` on the held-out split (``split_rows``,
+then evaluated with :func:`clip.evaluate.evaluate_retrieval` on the held-out split (``split_rows``,
 the same rows as training's validation) in English and Korean, whatever languages it trained on.
 Writes ``<out>/results.json``, ``<out>/results.md`` (side-by-side table) and ``<out>/results.png``
 (bars per language and metric).
@@ -32,8 +32,8 @@ import time
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = [("text_retrieval_recall@1", "i->t R@1"), ("text_retrieval_recall@5", "i->t R@5"),
-           ("image_retrieval_recall@1", "t->i R@1"), ("image_retrieval_recall@5", "t->i R@5")]
+METRICS = [("image_to_text_R@1", "i->t R@1"), ("image_to_text_R@5", "i->t R@5"),
+           ("text_to_image_R@1", "t->i R@1"), ("text_to_image_R@5", "t->i R@5")]
 LANGS = ("en", "ko")
 
 
@@ -44,7 +44,7 @@ def _flat(overrides: dict) -> list[str]:
 
 def _launch(script: str, args: list[str], gpus: int, log: Path) -> float:
     """One ``deepspeed`` run; returns its wall time. Exits 2 with the log's tail on failure."""
-    from launch.runtime import free_port
+    from launch.dist import free_port
 
     port = free_port()
     exe = Path(sys.executable).parent / "deepspeed"
@@ -62,11 +62,10 @@ def _launch(script: str, args: list[str], gpus: int, log: Path) -> float:
 
 def evaluate(run_dir: Path, manifest: str, val_fraction: float, split_key: str, split_seed: int) -> dict:
     """Held-out retrieval per language of one run folder (clip_ckpt.pt + tokenizer/)."""
-    from clip.augment import eval_transform
     from clip.data import split_rows
-    from clip.eval import evaluate_retrieval
-    from clip.eval_io import load_model_and_tokenizer
-    from mae.data import iter_manifest
+    from clip.eval_inputs import load_model_and_tokenizer
+    from clip.evaluate import evaluate_retrieval
+    from mae.data import eval_transform, iter_manifest
 
     _, val = split_rows(list(iter_manifest(manifest)), val_fraction, split_key, split_seed)
     model, tok = load_model_and_tokenizer(str(run_dir), None, "cpu")

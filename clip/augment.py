@@ -1,4 +1,4 @@
-"""Image views for the CLIP stage: KELIP's multi-crop and the evaluation transform.
+"""Image views for the CLIP stage: KELIP's multi-crop (the evaluation view is ``mae.data.eval_transform``).
 
 Multi-crop (Caron et al. 2020, used by KELIP): each training image becomes G global crops at
 224 px and K local crops at 96 px (RandomResizedCrop over ``global_scale`` / ``local_scale`` of
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from mae.data import CLIP_MEAN, CLIP_STD
+
 
 
 @dataclass(frozen=True)
@@ -81,21 +81,6 @@ class MultiCrop:
         self.local_transform = crop_transform(cfg.local_size, cfg.local_scale, cfg.strong,
                                               cfg.mean, cfg.std)
 
-    @property
-    def num_crops(self) -> int:
-        return self.cfg.global_crops + self.cfg.local_crops
-
     def __call__(self, img) -> list[torch.Tensor]:
         return ([self.global_transform(img) for _ in range(self.cfg.global_crops)]
                 + [self.local_transform(img) for _ in range(self.cfg.local_crops)])
-
-
-def eval_transform(size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> v2.Compose:
-    """Resize the shorter side to ``size`` (bicubic), center-crop ``size`` x ``size``, normalise."""
-    return v2.Compose([
-        v2.ToImage(),
-        v2.Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(mean), list(std)),
-    ])

@@ -1,7 +1,8 @@
 """Image-caption pairs for stage 2 (CLIP), their collate, a keyed split, and a shard writer.
 
 Sources and sharding are those of :mod:`mae.data` (folder of ``.tar`` shards, brace pattern,
-one ``.tar``, ``.jsonl`` manifest or a list of :func:`mae.data.iter_manifest` rows).
+one ``.tar``, ``.jsonl`` manifest or a list of :func:`mae.data.iter_manifest` rows); the shard
+format is :mod:`mae.shards`, which this module's writer extends with the caption members.
 
 Captions, per configured language (order of ``languages``):
   * manifest rows / shard ``{key}.json``: ``obj["captions"][lang]`` if present, else ``obj[lang]``;
@@ -30,14 +31,14 @@ import random
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from torch.utils.data import get_worker_info
 
-from mae.data import ShardedImageSource, iter_manifest, load_rgb, resolve_source
-
-__all__ = ["PairDataset", "build_pair_dataset", "CaptionCollate", "split_rows", "extract_captions",
-           "clean_caption", "write_shards", "iter_manifest", "load_rgb", "main"]
+from mae.checkpoint import atomic_write_text
+from mae.data import ShardedImageSource, resolve_source
+from mae.shards import STATS_FILE, prepare_shard_folder, write_shard_folder
 
 
 # ----------------------------------------------------------------------------- captions
@@ -162,6 +163,9 @@ def split_rows(rows: Sequence[dict], val_fraction: float, key_field: str = "base
 
 
 # ----------------------------------------------------------------------------- collate
+CaptionMode = Literal["all", "sample"]  # every language a positive, or one random caption per image
+
+
 class CaptionCollate:
     """Batch pair samples and tokenize one caption per slot.
 
@@ -177,10 +181,10 @@ class CaptionCollate:
     "n_skipped": int, "n_dropped": int}``.
     """
 
-    def __init__(self, tokenizer, languages: Sequence[str] = ("en", "ko"), mode: str = "all", seed: int = 0,
+    def __init__(self, tokenizer, languages: Sequence[str] = ("en", "ko"), mode: CaptionMode = "all", seed: int = 0,
                  context_length: int | None = None):
-        if mode not in ("all", "sample"):
-            raise ValueError(f"mode must be 'all' or 'sample', got {mode!r}")
+        if mode not in get_args(CaptionMode):
+            raise ValueError(f"mode must be one of {get_args(CaptionMode)}, got {mode!r}")
         self.tokenizer, self.languages, self.mode, self.seed = tokenizer, tuple(languages), mode, seed
         self.context_length = context_length or tokenizer.context_length  # the text tower's T
         self.epoch, self._calls = 0, 0
@@ -230,49 +234,16 @@ class CaptionCollate:
 
 
 # ----------------------------------------------------------------------------- shard writer
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _write_split(samples, out: Path, shard_size: int) -> tuple[list[str], list[int]]:
-    """Write ``samples`` (webdataset dicts) to ``out/%06d.tar``, each via a ``.tmp`` then rename.
-    Returns the shard names and their sample counts."""
-    from webdataset import TarWriter
-
-    names, counts, writer, fobj, count = [], [], None, None, 0
-
-    def close():
-        if writer is not None:
-            writer.close()
-            fobj.close()
-            os.replace(out / (names[-1] + ".tmp"), out / names[-1])
-            counts.append(count)
-
-    for sample in samples:
-        if writer is None or count == shard_size:
-            close()
-            names.append(f"{len(names):06d}.tar")
-            fobj = open(out / (names[-1] + ".tmp"), "wb")
-            writer, count = TarWriter(fobj, encoder=False, mtime=0), 0
-        writer.write(sample)
-        count += 1
-    close()
-    return names, counts
-
-
 def write_shards(source, out_dir, shard_size: int = 1000, languages: Sequence[str] = ("en", "ko"),
                  val_fraction: float = 0.0, split_key: str = "base", seed: int = 0,
                  overwrite: bool = False) -> dict:
-    """Write img2dataset-layout shards from a manifest (or row list) or a plain image folder.
+    """Write shards (format: :mod:`mae.shards`) from a manifest (or row list) or a plain image folder.
 
-    Per sample: ``{key}.{ext}`` the original image bytes; for manifests also ``{key}.json``
-    (``{"captions": {lang: [...]}, ...}`` plus the row's other fields, caption fields moved into
-    ``captions``) and ``{key}.txt`` (first caption in ``languages[0]``, when there is one).
-    Tar keys are ``%09d`` running numbers; the row's own ``key`` stays in the json.
+    For manifests each sample also gets ``{key}.json`` (``{"captions": {lang: [...]}, ...}`` plus
+    the row's other fields, caption fields moved into ``captions``) and ``{key}.txt`` (the first
+    caption in ``languages[0]``, when there is one); the row's own ``key`` stays in the json.
     With ``val_fraction > 0`` rows are split by :func:`split_rows` into ``out/train`` and
-    ``out/val``. Each shard folder gets ``stats.json``.
+    ``out/val``. Each shard folder gets ``stats.json``. Returns the stats per split.
 
     Errors (raised, nothing written): missing manifest, bad JSON line (with its line number),
     a missing image file, shards as input, existing shards in ``out`` unless ``overwrite``.
@@ -299,52 +270,32 @@ def write_shards(source, out_dir, shard_size: int = 1000, languages: Sequence[st
     else:
         splits = {"": records}
     for name in splits:
-        if any((out / name).glob("*.tar")):
-            if not overwrite:
-                raise ValueError(f"{out / name} already holds .tar shards (use --overwrite)")
-            for p in (out / name).glob("*.tar"):
-                p.unlink()
+        prepare_shard_folder(out / name, overwrite)
 
     summary = {"source": str(source) if not isinstance(source, list) else "<rows>",
                "languages": list(languages), "shard_size": shard_size}
     per_split = {}
     for name, recs in splits.items():
-        folder = out / name
-        folder.mkdir(parents=True, exist_ok=True)
-        stats = {"samples": 0, "skipped_corrupt": 0, "skipped_no_caption": 0, "dropped_captions": 0}
+        stats = {**summary, "skipped_no_caption": 0, "dropped_captions": 0}
 
-        def samples():
-            for r in recs:
-                data = Path(r["path"]).read_bytes()
-                sample = {"__key__": f"{stats['samples']:09d}"}
-                if captioned:
-                    caps, dropped = extract_captions(r["row"], languages)
-                    stats["dropped_captions"] += dropped
-                    if not caps:
-                        stats["skipped_no_caption"] += 1
-                        continue
-                try:
-                    load_rgb(data)
-                except Exception:
-                    stats["skipped_corrupt"] += 1
-                    continue
-                ext = Path(r["path"]).suffix.lower().lstrip(".")
-                sample[ext] = data
-                if captioned:
-                    meta = {k: v for k, v in r["row"].items() if k not in ("path", "captions", *languages)}
-                    meta["captions"] = caps
-                    sample["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
-                    if languages[0] in caps:
-                        sample["txt"] = caps[languages[0]][0].encode("utf-8")
-                stats["samples"] += 1
-                yield sample
+        def caption_members(r, stats=stats):
+            caps, dropped = extract_captions(r["row"], languages)
+            stats["dropped_captions"] += dropped
+            if not caps:
+                stats["skipped_no_caption"] += 1
+                return None
+            meta = {k: v for k, v in r["row"].items() if k not in ("path", "captions", *languages)}
+            meta["captions"] = caps
+            extra = {"json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
+            if languages[0] in caps:
+                extra["txt"] = caps[languages[0]][0].encode("utf-8")
+            return extra
 
-        stats["shards"], stats["shard_samples"] = _write_split(samples(), folder, shard_size)
-        _atomic_write(folder / "stats.json", json.dumps({**summary, **stats}, indent=1).encode())
-        per_split[name or "all"] = stats
+        per_split[name or "all"] = write_shard_folder(recs, out / name, shard_size,
+                                                      caption_members if captioned else None, stats)
     if val_fraction > 0:
         summary.update(val_fraction=val_fraction, split_key=split_key, seed=seed, splits=per_split)
-        _atomic_write(out / "stats.json", json.dumps(summary, indent=1).encode())
+        atomic_write_text(out / STATS_FILE, json.dumps(summary, indent=1, ensure_ascii=False))
     return per_split
 
 

@@ -21,7 +21,7 @@ the rows of ITS images / captions against all columns and normalises by the GLOB
 times ``world_size``. So the per-rank value is world_size x its
 share, the mean of the per-rank values is the 1-process loss, and after DeepSpeed/DDP average
 the gradients over ranks they equal the 1-process gradients for the same global batch.
-For logging call :meth:`ClipLoss.reduce_for_logging` (an all-reduce mean of the detached loss).
+The trainer logs the mean of the per-rank values over ranks, which is the 1-process loss.
 
 Legend: V crops, B local batch, N global batch, C caption slots, E width.
 """
@@ -87,8 +87,8 @@ class ClipLoss(nn.Module):
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 text_mask: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
         """image_features (V, B, E), text_features (B, C, E), text_mask (B, C) bool,
-        logit_scale = exp'd temperature (scalar tensor). Features are expected L2-normalised.
-        Every rank must pass the same V, B and C."""
+        logit_scale = exp'd temperature (scalar tensor). Features are expected L2-normalised; half
+        precision inputs are computed in fp32. Every rank must pass the same V, B and C."""
         if image_features.ndim != 3 or text_features.ndim != 3:
             raise ValueError(f"expected image (V, B, E) and text (B, C, E) features, got "
                              f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
@@ -97,6 +97,9 @@ class ClipLoss(nn.Module):
             raise ValueError(f"batch mismatch: image {tuple(image_features.shape)}, text "
                              f"{tuple(text_features.shape)}, mask {tuple(text_mask.shape)}")
         C = text_features.shape[1]
+        # at least fp32: the logsumexp over the whole batch is not safe in half precision
+        image_features, text_features, logit_scale = (
+            t.to(torch.promote_types(t.dtype, torch.float32)) for t in (image_features, text_features, logit_scale))
         mask = text_mask.to(torch.bool)
         all_images = self._gather(image_features, dim=1)  # (V, N, E)
         all_texts = self._gather(text_features, dim=0)  # (N, C, E)
@@ -129,12 +132,3 @@ class ClipLoss(nn.Module):
         w = self.world_size
         loss_v = (i2t * w / n_img_global + t2i * w / n_txt_global) / 2  # (V,)
         return loss_v.mean()
-
-    @torch.no_grad()
-    def reduce_for_logging(self, loss: torch.Tensor) -> torch.Tensor:
-        """The 1-process value of the global-batch loss (mean of every rank's ``forward``)."""
-        loss = loss.detach().clone()
-        if self.world_size > 1:
-            dist.all_reduce(loss)
-            loss /= self.world_size
-        return loss

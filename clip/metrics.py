@@ -1,7 +1,8 @@
 """Retrieval and classification metrics on embeddings: pure torch, cheap, no model or data.
 
-Used by ``python -m clip.eval`` and by the trainer's validation. Conventions, the same in every
-function and written into every metrics JSON:
+Used by :mod:`clip.evaluate` (the evaluation library behind ``python -m clip.eval`` and the
+trainer's held-out validation). Conventions, the same in every function and written into every
+metrics JSON:
 
 * Ranks are 1-based: the best possible rank is 1.
 * Ties are PESSIMISTIC: the rank of the correct item is 1 + the number of WRONG candidates whose
@@ -11,6 +12,9 @@ function and written into every metrics JSON:
   best-scored correct candidate, so recall@k counts a hit if ANY of them is in the top k (COCO).
 * Median and quartiles use linear interpolation between order statistics (numpy's default), so
   the median of an even count is the mean of the two middle ranks.
+* Chance level of accuracy@k over K candidates with one right answer is k / K (capped at 1):
+  text->image retrieval K = N images, zero-shot K = C classes, cross-lingual K = N pairs.
+  accuracy@k is only reported for k <= K: beyond that it is 1 by construction.
 
 Legend: Q queries, K candidates, N images, M texts, E embedding width, C classes.
 """
@@ -22,6 +26,7 @@ import torch
 
 RANK_BASE = 1
 TIES = "pessimistic"
+MAX_K = 10  # accuracy@k curves run over k = 1..min(MAX_K, candidates)
 
 
 def ranks_from_scores(scores: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
@@ -61,6 +66,13 @@ def rank_stats(ranks: torch.Tensor) -> dict[str, float]:
     return {"mean": float(ranks.mean()), "median": float(q[1]), "q1": float(q[0]), "q3": float(q[2])}
 
 
+def class_ranks(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """1-based pessimistic rank of the true class: logits (N, C), labels (N,) long -> (N,) long."""
+    correct = torch.zeros_like(logits, dtype=torch.bool)
+    correct[torch.arange(len(labels)), labels] = True  # (N, C) one-hot
+    return ranks_from_scores(logits, correct)
+
+
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] = (1, 5)) -> dict[int, float]:
     """Top-k classification accuracy with pessimistic ties.
 
@@ -69,9 +81,17 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] 
     Returns:
         {k: accuracy}; a k >= C gives 1.0.
     """
-    correct = torch.zeros_like(logits, dtype=torch.bool)
-    correct[torch.arange(len(labels)), labels] = True  # (N, C) one-hot
-    return accuracy_at_k(ranks_from_scores(logits, correct), ks)
+    return accuracy_at_k(class_ranks(logits, labels), ks)
+
+
+def curve_ks(n_candidates: int, max_k: int = MAX_K) -> range:
+    """The k of an accuracy@k curve: 1..min(max_k, n_candidates) (beyond, accuracy@k is 1)."""
+    return range(1, min(max_k, n_candidates) + 1)
+
+
+def chance_at_k(ks: Iterable[int], n_candidates: int) -> dict[int, float]:
+    """accuracy@k of a random ranking of ``n_candidates`` with one right answer: min(1, k / n)."""
+    return {int(k): min(1.0, k / n_candidates) for k in ks}
 
 
 def retrieval_ranks(
@@ -119,12 +139,12 @@ def retrieval_ranks(
 def retrieval_metrics(
     image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: torch.Tensor, ks: Iterable[int] = (1, 5, 10)
 ) -> dict[str, float]:
-    """Image<->text retrieval metrics, CLIP_benchmark key names.
+    """Image<->text retrieval metrics.
 
-    ``image_retrieval_*`` = text->image (find the image of a caption, over all N images);
-    ``text_retrieval_*`` = image->text (find any caption of an image, over all M captions).
-    Args as in :func:`retrieval_ranks`. Returns a flat dict of floats: ``*_recall@k`` for each k,
-    ``*_rank_{mean,median,q1,q3}`` (1-based, pessimistic ties), ``n_images``, ``n_texts``.
+    ``text_to_image_*``: find the image of a caption among all N images;
+    ``image_to_text_*``: find any caption of an image among all M captions.
+    Args as in :func:`retrieval_ranks`. Returns a flat dict of floats: ``*_R@k`` (recall@k) for
+    each k, ``*_rank_{mean,median,q1,q3}`` (1-based, pessimistic ties), ``n_images``, ``n_texts``.
     """
     t2i, i2t = retrieval_ranks(image_emb, text_emb, text_image)
     return metrics_from_ranks(t2i, i2t, ks, n_images=image_emb.shape[0], n_texts=text_emb.shape[0])
@@ -137,9 +157,9 @@ def metrics_from_ranks(
     if len(t2i) == 0:
         raise ValueError("retrieval metrics need at least one caption")
     out: dict[str, float] = {}
-    for name, ranks in (("image_retrieval", t2i), ("text_retrieval", i2t)):
+    for name, ranks in (("text_to_image", t2i), ("image_to_text", i2t)):
         for k, v in accuracy_at_k(ranks, tuple(ks)).items():
-            out[f"{name}_recall@{k}"] = v
+            out[f"{name}_R@{k}"] = v
         for stat, v in rank_stats(ranks).items():
             out[f"{name}_rank_{stat}"] = v
     out["n_images"] = int(n_images)

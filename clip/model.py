@@ -15,16 +15,17 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from clip.text import TextConfig, TextTransformer
-from mae.vit import POOLS, ViTConfig, VisionTransformer
+from mae.checkpoint import CLIP_FORMAT, load_checkpoint, save_checkpoint
+from mae.model import load_encoder_checkpoint
+from mae.vit import Pool, ViTConfig, VisionTransformer
 
-CLIP_FORMAT = "enko-clip/clip/v1"
-MAE_FORMAT = "enko-clip/mae-encoder/v1"
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,11 @@ class CLIPConfig:
     # output ("token", as OpenAI CLIP). MAE never trains its cls token for anything, so after a
     # short MAE run the cls output is almost the same for every image (cosine 0.9999 across the
     # emoji after the 60-step ViT-B/32 demo) and a frozen MAE tower gives CLIP nothing to align.
-    vision_pool: str = "avg"
+    vision_pool: Pool = "avg"
 
     def __post_init__(self):
-        if self.vision_pool not in POOLS:
-            raise ValueError(f"CLIPConfig.vision_pool must be one of {POOLS}, got {self.vision_pool!r}")
+        if self.vision_pool not in get_args(Pool):
+            raise ValueError(f"CLIPConfig.vision_pool must be one of {get_args(Pool)}, got {self.vision_pool!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPConfig":
@@ -146,78 +147,27 @@ class CLIP(nn.Module):
             text_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return self.encode_crops(crops), self.encode_captions(tokens, text_mask), self.scale()
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Same as :func:`param_groups_for_weight_decay` on this model."""
-        return param_groups_for_weight_decay(self, weight_decay)
-
-
-_NO_DECAY_NAMES = {"pos_embed", "cls_token", "reg_token", "logit_scale"}
-
-
-def no_weight_decay(name: str, param: torch.Tensor, module: nn.Module) -> bool:
-    """True for biases, norm weights, embeddings (token / position / cls) and logit_scale."""
-    return (param.ndim < 2 or isinstance(module, (nn.Embedding, nn.LayerNorm))
-            or name.rsplit(".", 1)[-1] in _NO_DECAY_NAMES)
-
-
-def param_groups_for_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: ``[{"params": decayed, "weight_decay": wd}, {"params": rest, 0.0}]``.
-
-    Decayed: every matrix / conv kernel of the blocks, patch embedding and projections. Not
-    decayed: see :func:`no_weight_decay`. Frozen parameters are left out.
-    """
-    decay, no_decay = [], []
-    for mod_name, module in model.named_modules():
-        for p_name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
-                continue
-            name = f"{mod_name}.{p_name}" if mod_name else p_name
-            (no_decay if no_weight_decay(name, p, module) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _load(path, what: str) -> dict:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle / zip errors: not a (safe) torch checkpoint
-        raise ValueError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise ValueError(f"{path}: not an enko-clip checkpoint (expected a dict with "
-                         "'format', 'config' and 'model')")
-    return ckpt
-
 
 def load_mae_encoder(model: CLIP, path) -> None:
-    """Load the MAE stage's ``mae_ckpt.pt`` into ``model.visual``; checks everything first.
+    """Load the MAE stage's ``mae_ckpt.pt`` into ``model.visual``; see :func:`load_visual_state`."""
+    saved_cfg, state = load_encoder_checkpoint(path)
+    load_visual_state(model, saved_cfg, state, os.fspath(path))
+
+
+def load_visual_state(model: CLIP, saved_cfg: ViTConfig, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load an encoder state dict into ``model.visual`` after checking everything.
 
     Decoder and mask-token entries, if present, are dropped. Every other key must exist in
-    ``model.visual`` with the same shape, every visual key must be in the file, and the saved
-    ``ViTConfig`` must equal the model's; otherwise ONE ValueError lists every difference.
+    ``model.visual`` with the same shape, every visual key must be in ``state``, and ``saved_cfg``
+    must equal the model's ``ViTConfig``; otherwise ONE ValueError (naming ``where``) lists every
+    difference.
     """
-    path = os.fspath(path)
-    ckpt = _load(path, "MAE encoder checkpoint")
-    fmt = ckpt.get("format")
-    if fmt == CLIP_FORMAT:
-        raise ValueError(f"{path} is a CLIP checkpoint (format {CLIP_FORMAT!r}), not an MAE "
-                         f"encoder export ({MAE_FORMAT!r}); pass the MAE run's mae_ckpt.pt, "
-                         "or use load_clip() to load a CLIP model")
-    if fmt != MAE_FORMAT:
-        raise ValueError(f"{path}: checkpoint format {fmt!r}, expected {MAE_FORMAT!r} "
-                         "(the mae_ckpt.pt exported by the MAE stage)")
     problems = []
-    want_cfg = asdict(model.visual.cfg)
-    got_cfg = ckpt.get("config") or {}
-    for k in sorted(set(want_cfg) | set(got_cfg)):
-        if got_cfg.get(k, "<missing>") != want_cfg.get(k, "<missing>"):
-            problems.append(f"config.{k}: file {got_cfg.get(k, '<missing>')!r}, "
-                            f"model {want_cfg.get(k, '<missing>')!r}")
-    state = {k: v for k, v in ckpt["model"].items()
-             if not (k.startswith("decoder") or k == "mask_token")}
+    want_cfg, got_cfg = asdict(model.visual.cfg), asdict(saved_cfg)
+    for k in sorted(want_cfg):
+        if got_cfg[k] != want_cfg[k]:
+            problems.append(f"config.{k}: file {got_cfg[k]!r}, model {want_cfg[k]!r}")
+    state = {k: v for k, v in state.items() if not (k.startswith("decoder") or k == "mask_token")}
     expected = model.visual.state_dict()
     for k in sorted(set(expected) - set(state)):
         problems.append(f"missing key {k} (model shape {tuple(expected[k].shape)})")
@@ -233,40 +183,23 @@ def load_mae_encoder(model: CLIP, path) -> None:
         if unexpected and all(k.startswith("encoder.") for k in unexpected):
             hint = (" (keys carry an 'encoder.' prefix: export encoder_state_dict(), "
                     "not the whole MAE model)")
-        elif any(k.startswith(("visual.", "text.")) for k in unexpected):
-            hint = " (the weights look like a CLIP model's, not an MAE encoder's)"
-        raise ValueError(f"{path}: MAE encoder does not match the CLIP image tower{hint}; "
+        raise ValueError(f"{where}: MAE encoder does not match the CLIP image tower{hint}; "
                          f"{len(problems)} difference(s):\n  " + "\n  ".join(problems))
     model.visual.load_state_dict(state, strict=True)
 
 
 def save_clip(model: CLIP, path) -> None:
-    """Write ``{"format", "config", "model"}`` atomically (temp file + os.replace)."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    ckpt = {"format": CLIP_FORMAT, "config": asdict(model.cfg),
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write ``clip_ckpt.pt`` (atomically): the ``CLIPConfig`` and the weights, weights-only loadable."""
+    save_checkpoint(path, CLIP_FORMAT, asdict(model.cfg), model.state_dict())
 
 
 def load_clip(path, device="cpu") -> CLIP:
     """Rebuild a :class:`CLIP` from ``clip_ckpt.pt`` (weights_only load); returned in eval mode."""
     path = os.fspath(path)
-    ckpt = _load(path, "CLIP checkpoint")
-    fmt = ckpt.get("format")
-    if fmt == MAE_FORMAT:
-        raise ValueError(f"{path} is an MAE encoder export ({MAE_FORMAT!r}), not a CLIP "
-                         "checkpoint; use load_mae_encoder() to start CLIP training from it")
-    if fmt != CLIP_FORMAT:
-        raise ValueError(f"{path}: checkpoint format {fmt!r}, expected {CLIP_FORMAT!r}")
+    ckpt = load_checkpoint(path, CLIP_FORMAT)
     model = CLIP(CLIPConfig.from_dict(ckpt["config"]))
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:  # missing / unexpected keys or shapes, all listed by torch
-        raise ValueError(f"{path}: weights do not match the saved config: {e}") from None
+        raise ValueError(f"{path}: weights do not match the saved config: {' '.join(str(e).split())}") from None
     return model.to(device).eval()

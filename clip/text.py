@@ -20,7 +20,7 @@ Legend: B batch, T tokens, D width (embed_dim).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from timm.models.vision_transformer import Block
@@ -39,6 +39,12 @@ class TextConfig:
     mlp_ratio: float = 4.0
     eot_id: int = 2
     pad_id: int = 0
+
+
+def text_config_for(cfg: TextConfig, tokenizer) -> TextConfig:
+    """``cfg`` with the vocabulary size and the EOT / PAD ids of ``tokenizer``: the tokenizer, not
+    the config, decides them. The context length stays the config's (the tokenizer is asked for it)."""
+    return replace(cfg, vocab_size=tokenizer.vocab_size, eot_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)
 
 
 class TextTransformer(nn.Module):

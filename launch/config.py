@@ -9,12 +9,14 @@ points print it as one line and exit 2. The resolved config is saved next to the
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import sys
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, TypeVar, Union
+from typing import Any, Literal, Optional, TypeVar, Union
 
 import yaml
 
@@ -27,13 +29,17 @@ class ConfigError(ValueError):
     """A bad run configuration: unknown key, wrong type, missing file, impossible setting."""
 
 
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation and run-length settings shared by both stages.
 
     ``lr`` is the absolute peak learning rate; when it is null it is derived as
     ``base_lr * global_batch / 256`` (the MAE paper's rule). ``precision`` is fp32, bf16 or fp16
-    (fp16 uses DeepSpeed's dynamic loss scaling and needs a GPU).
+    (fp16 uses DeepSpeed's dynamic loss scaling and needs a GPU); ``launch.optim.PRECISIONS``
+    says what each means.
     """
 
     steps: int = 100
@@ -47,13 +53,18 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float = 0.0  # 0 = off
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    zero_stage: int = 0  # 0, 1 or 2
+    precision: Precision = "fp32"
+    zero_stage: Literal[0, 1, 2] = 0
     fp16_initial_scale_power: int = 16
     fp16_loss_scale_window: int = 1000
     fp16_hysteresis: int = 2
     seed: int = 0
     num_workers: int = 1
+
+    def __post_init__(self):
+        for name in ("steps", "micro_batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,10 @@ class RunConfig:
     log_every: int = 10
     ckpt_every: int = 0  # 0 = only at the end
     keep_last: int = 2  # DeepSpeed checkpoints kept; older tags are deleted
+
+    def __post_init__(self):
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
 
 
 def resolve_path(path: str) -> str:
@@ -172,6 +187,10 @@ def _coerce(tp: Any, value: Any, key: str, source: str):
         raise errors[0]
     if tp is Any:
         return value
+    if origin is Literal:
+        if any(type(value) is type(a) and value == a for a in args):
+            return value
+        raise ConfigError(f"'{key}' must be one of {', '.join(map(str, args))}, got {value!r} ({source})")
     if origin in (tuple, list):
         if isinstance(value, str):
             raise ConfigError(f"'{key}' expects a list, got {value!r} ({source})")
@@ -227,18 +246,71 @@ def to_dict(cfg: Any) -> dict:
 
 def save_config(cfg: Any, path: Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
-    tmp.replace(path)
+    from mae.checkpoint import atomic_write_text
+
+    atomic_write_text(path, dump_config(cfg))
 
 
-def replace(cfg: T, **changes) -> T:
-    """``dataclasses.replace`` re-exported for the entry points."""
-    return dataclasses.replace(cfg, **changes)
+def dump_config(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
-__all__ = [
-    "ConfigError", "TrainConfig", "RunConfig", "load_config", "to_dict", "save_config",
-    "resolve_path", "replace", "PROJECT_ROOT", "field",
-]
+# --------------------------------------------------------------------------- command line
+
+
+def type_name(tp: Any) -> str:
+    """How a field's type reads in ``--help``: ``int``, ``fp32|bf16|fp16``, ``[float, float]``, ``str|null``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "|".join(map(str, args))
+    if origin in (Union, types.UnionType):
+        return "|".join("null" if a is type(None) else type_name(a) for a in args)
+    if origin in (tuple, list):
+        if origin is tuple and args and args[-1] is Ellipsis:
+            return f"[{type_name(args[0])}, ...]"
+        return "[" + ", ".join(type_name(a) for a in args) + "]" if args else "list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def describe(cfg: Any, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """``(key, type, value)`` of every leaf setting of a config, depth first, in field order."""
+    rows = []
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, tp = getattr(cfg, f.name), hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(value, f"{prefix}{f.name}.")
+        else:
+            rows.append((prefix + f.name, type_name(tp), list(value) if isinstance(value, tuple) else value))
+    return rows
+
+
+def parse_run_args(argv: list[str], schema: type[T], description: str, default_config: str,
+                   options: tuple[tuple[str, str], ...] = ()) -> tuple[argparse.Namespace, T]:
+    """The command line of a training stage: ``[--config F] [--resume] [--print-config] [OPTION X]
+    [key=value ...]`` in any order. Returns ``(args, config)``. ``--help`` lists every config key
+    with its type and its value after ``--config`` and the overrides, then exits."""
+    p = argparse.ArgumentParser(description=description, add_help=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-h", "--help", action="store_true", help="this help, with every config key, and exit")
+    p.add_argument("--config", default=default_config, help="run YAML (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    for flag, text in options:
+        p.add_argument(flag, default=None, help=text)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=20")
+    args = p.parse_intermixed_args(argv)
+    if args.help:
+        try:
+            cfg, origin = load_config(schema, args.config, args.overrides), f"after {args.config}"
+        except ConfigError as e:
+            cfg, origin = schema(), f"defaults ({args.config} did not load: {e})"
+        rows = describe(cfg)
+        wk, wt = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+        print(p.format_help())
+        print(f"config keys (set with key=value; values {origin}):")
+        for key, tname, value in rows:
+            print(f"  {key:<{wk}}  {tname:<{wt}}  {yaml.safe_dump(value, default_flow_style=True).strip().removesuffix(chr(10) + '...')}")
+        sys.exit(0)
+    return args, load_config(schema, args.config, args.overrides)

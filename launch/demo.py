@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch.runtime import free_port
+from launch.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,11 +71,11 @@ def summary(out: Path, times: dict) -> None:
           f"{'zero-shot top-1':>15}")
     for lang, s in r["languages"].items():
         zs = z["languages"].get(lang, {})
-        print(f"{lang:4} {s['text_retrieval_recall@1']:>15.2%} {s['text_retrieval_recall@5']:>7.2%} "
-              f"{s['image_retrieval_recall@1']:>15.2%} {s['image_retrieval_recall@5']:>7.2%} "
-              f"{s['image_retrieval_rank_median']:>11.0f} {zs.get('acc1', float('nan')):>15.2%}")
+        print(f"{lang:4} {s['image_to_text_R@1']:>15.2%} {s['image_to_text_R@5']:>7.2%} "
+              f"{s['text_to_image_R@1']:>15.2%} {s['text_to_image_R@5']:>7.2%} "
+              f"{s['text_to_image_rank_median']:>11.0f} {zs.get('acc1', float('nan')):>15.2%}")
     for name, s in x["directions"].items():
-        print(f"cross-lingual {name}: R@1 {s['recall@1']:.2%}, R@5 {s['recall@5']:.2%} over {x.get('n_pairs')} pairs")
+        print(f"cross-lingual {name}: R@1 {s['R@1']:.2%}, R@5 {s['R@5']:.2%} over {x.get('n_pairs')} pairs")
     print("time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()))
     pngs = sorted(str(p) for p in out.glob("mae/*.png")) + sorted(str(p) for p in out.glob("mae/recon/*.png"))[-1:] + \
         sorted(str(p) for p in [*out.glob("clip/*.png"), *ev.glob("*.png")])

@@ -46,9 +46,13 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mae.shards import expand_shards, iter_shard_samples, shard_sample_count
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# OpenAI CLIP's pixel statistics. Both stages normalise with them, so the encoder sees the same
+# pixel distribution in MAE pretraining and in CLIP training.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # ----------------------------------------------------------------------------- images
@@ -72,8 +76,8 @@ def load_rgb(src: str | os.PathLike | bytes) -> Image.Image:
 
 def mae_transform(
     img_size: int = 224,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
+    mean: tuple[float, float, float] = CLIP_MEAN,
+    std: tuple[float, float, float] = CLIP_STD,
     scale: tuple[float, float] = (0.2, 1.0),
 ) -> "torchvision.transforms.v2.Compose":
     """MAE pre-training augmentation (He et al. 2022): random resized crop (bicubic) + flip."""
@@ -86,6 +90,19 @@ def mae_transform(
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean, std),
+    ])
+
+
+def eval_transform(size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> "torchvision.transforms.v2.Compose":
+    """The deterministic view: shorter side to ``size`` (bicubic), center ``size`` x ``size`` crop, normalise."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    return v2.Compose([
+        v2.ToImage(),
+        v2.Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(mean), list(std)),
     ])
 
 
@@ -123,22 +140,6 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
 
 
-def expand_shards(source: str) -> list[str]:
-    """Shard paths for a brace pattern, a single ``.tar`` or a folder of ``.tar`` (sorted)."""
-    import braceexpand
-
-    if os.path.isdir(source):
-        shards = sorted(str(p) for p in Path(source).glob("*.tar"))
-    else:
-        shards = list(braceexpand.braceexpand(source))
-    if not shards:
-        raise ValueError(f"no .tar shards in {source}")
-    missing = [s for s in shards if not os.path.isfile(s)]
-    if missing:
-        raise FileNotFoundError(f"shard not found: {missing[0]} ({len(missing)} of {len(shards)} missing)")
-    return shards
-
-
 def resolve_source(source: str | os.PathLike | list) -> tuple[str, list]:
     """Classify ``source`` into ``("records", [record, ...])`` or ``("shards", [url, ...])``.
 
@@ -171,32 +172,6 @@ def resolve_source(source: str | os.PathLike | list) -> tuple[str, list]:
     raise FileNotFoundError(f"image source not found: {source}")
 
 
-def shard_sample_count(urls: list[str]) -> int | None:
-    """Samples in ``urls`` according to ``stats.json`` (``clip.data.write_shards``) in their folders."""
-    total, cache = 0, {}
-    for url in urls:
-        folder, name = os.path.split(url)
-        if folder not in cache:
-            try:
-                stats = json.loads(Path(folder or ".", "stats.json").read_text())
-                cache[folder] = dict(zip(stats["shards"], stats["shard_samples"]))
-            except (OSError, ValueError, KeyError, TypeError):
-                return None
-        if name not in cache[folder]:
-            return None
-        total += cache[folder][name]
-    return total
-
-
-def iter_shard_samples(url: str) -> Iterator[dict]:
-    """Samples of one tar shard as ``{"key", "image", "json", "txt"}`` (bytes, or None if absent)."""
-    from webdataset import tariterators
-
-    for s in tariterators.tarfile_samples([{"url": url}]):
-        image = next((s[e] for e in ("jpg", "jpeg", "png", "webp") if e in s), None)
-        yield {"key": s["__key__"], "image": image, "json": s.get("json"), "txt": s.get("txt")}
-
-
 # ----------------------------------------------------------------------------- datasets
 class ShardedImageSource(IterableDataset):
     """Partitioned, reshuffled, skip-counting stream over a source (see the module docstring).
@@ -216,7 +191,7 @@ class ShardedImageSource(IterableDataset):
 
     def num_samples(self) -> int | None:
         """Samples per epoch over all ranks before skips; for shards read from the writer's
-        ``stats.json`` beside them (None when it is absent or does not list every shard)."""
+        ``stats.json`` beside them (:mod:`mae.shards`) (None when it is absent or does not list every shard)."""
         return len(self.items) if self.kind == "records" else shard_sample_count(self.items)
 
     def set_epoch(self, epoch: int) -> None:

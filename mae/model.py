@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -24,9 +23,8 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from mae.checkpoint import MAE_FORMAT, load_checkpoint, save_checkpoint
 from mae.vit import ViTConfig, VisionTransformer
-
-CHECKPOINT_FORMAT = "enko-clip/mae-encoder/v1"
 
 
 @dataclass(frozen=True)
@@ -47,8 +45,7 @@ class MAEConfig:
     def __post_init__(self):
         if isinstance(self.encoder, dict):
             object.__setattr__(self, "encoder", ViTConfig(**self.encoder))
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        check_mask_ratio(self.mask_ratio)
         for name in ("encoder.embed_dim", "decoder_embed_dim"):
             dim = self.encoder.embed_dim if name == "encoder.embed_dim" else self.decoder_embed_dim
             if dim % 4:
@@ -58,6 +55,12 @@ class MAEConfig:
                 f"decoder_embed_dim {self.decoder_embed_dim} is not divisible by "
                 f"decoder_num_heads {self.decoder_num_heads}"
             )
+
+
+def check_mask_ratio(mask_ratio: float) -> None:
+    """At least one patch must stay visible: the ratio is in [0, 1)."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int, cls_token: bool = True) -> torch.Tensor:
@@ -193,8 +196,7 @@ class MaskedAutoencoder(nn.Module):
 
     def _shuffle(self, B: int, L: int, mask_ratio: float, device: torch.device):
         """Random per-sample split of L patches: ``(ids_keep (B, K), mask (B, L), ids_restore (B, L))``."""
-        if not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        check_mask_ratio(mask_ratio)
         keep = num_kept(L, mask_ratio)
         noise = torch.rand(B, L, device=device)
         ids_shuffle = noise.argsort(dim=1)  # (B, L): lowest noise first = kept
@@ -303,57 +305,20 @@ class MaskedAutoencoder(nn.Module):
 # ---- the encoder file handed to CLIP ----------------------------------------------------------
 
 def save_encoder_checkpoint(model: MaskedAutoencoder, path: str | os.PathLike) -> None:
-    """Write ``mae_ckpt.pt`` atomically (temp file in the same folder, fsync, rename).
-
-    Contents: ``{"format": CHECKPOINT_FORMAT, "config": asdict(ViTConfig), "model": state dict}``,
-    tensors on the CPU, loadable with ``torch.load(..., weights_only=True)``.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "config": dataclasses.asdict(model.cfg.encoder),
-        "model": {k: v.detach().cpu() for k, v in model.encoder_state_dict().items()},
-    }
-    fd, tmp = tempfile.mkstemp(prefix=".mae_ckpt.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write ``mae_ckpt.pt`` (atomically): the encoder's ``ViTConfig`` and its timm-keyed weights,
+    loadable with ``torch.load(..., weights_only=True)``."""
+    save_checkpoint(path, MAE_FORMAT, dataclasses.asdict(model.cfg.encoder), model.encoder_state_dict())
 
 
 def load_encoder_checkpoint(path: str | os.PathLike) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
     """Read a ``mae_ckpt.pt`` (weights only) and return ``(ViTConfig, encoder state dict)``.
 
-    Raises FileNotFoundError if it is missing and ValueError (naming the file and key) if it is
-    not a torch file or its ``format``, ``config`` or ``model`` entry is wrong.
+    Raises FileNotFoundError if it is missing and ValueError (one line naming the file) if it is
+    not a weights-only MAE encoder export or its config is not a ``ViTConfig``.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"MAE encoder checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and weights-only errors all mean "not our file"
-        raise ValueError(f"{path}: not a readable weights-only torch checkpoint ({e})") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path}: key 'format' is {found!r}, expected {CHECKPOINT_FORMAT!r}")
+    ckpt = load_checkpoint(path, MAE_FORMAT)
     try:
         cfg = ViTConfig(**ckpt["config"])
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{path}: key 'config' is missing or not a ViTConfig ({e})") from e
-    state = ckpt.get("model")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: key 'model' is missing or not a state dict of tensors")
-    return cfg, state
+    except TypeError as e:
+        raise ValueError(f"{os.fspath(path)}: key 'config' is not a ViTConfig ({e})") from None
+    return cfg, ckpt["model"]

@@ -10,6 +10,7 @@ Legend: B batch, L patches, D width (embed_dim), Gh x Gw patch grid.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -29,7 +30,7 @@ class ViTConfig:
     mlp_ratio: float = 4.0
 
 
-POOLS = ("token", "avg")
+Pool = Literal["token", "avg"]  # the cls output, or the mean of the patch outputs
 
 
 class VisionTransformer(_TimmViT):
@@ -44,9 +45,7 @@ class VisionTransformer(_TimmViT):
             (``fc_norm=False``), so the state dict is the same and loads into timm's ViT-B/32.
     """
 
-    def __init__(self, cfg: ViTConfig = ViTConfig(), patch_drop_rate: float = 0.0, global_pool: str = "token"):
-        if global_pool not in POOLS:
-            raise ValueError(f"global_pool must be one of {POOLS}, got {global_pool!r}")
+    def __init__(self, cfg: ViTConfig = ViTConfig(), patch_drop_rate: float = 0.0, global_pool: Pool = "token"):
         super().__init__(
             img_size=cfg.img_size,
             patch_size=cfg.patch_size,

@@ -48,6 +48,6 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def free_port() -> int:
     """A free TCP port on localhost for a launcher's rendezvous."""
-    from launch.runtime import free_port as find
+    from launch.dist import free_port as find
 
     return find()

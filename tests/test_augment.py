@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from clip.augment import CLIP_MEAN, CLIP_STD, MultiCrop, MultiCropConfig, eval_transform
+from clip.augment import MultiCrop, MultiCropConfig
+from mae.data import CLIP_MEAN, CLIP_STD, eval_transform
 
 
 @pytest.fixture(scope="module")

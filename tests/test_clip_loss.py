@@ -116,11 +116,12 @@ def _step(name, rank, world_size):
     loss.backward()
     params = [*img_tower.parameters(), *txt_tower.parameters(), logit_scale]
     grads = [p.grad.clone() for p in params]
-    if world_size > 1:  # what DeepSpeed / DDP do: average the gradients over ranks
-        for gr in grads:
-            dist.all_reduce(gr)
-            gr /= world_size
-    return loss_fn.reduce_for_logging(loss), grads
+    loss = loss.detach().clone()
+    if world_size > 1:  # what DeepSpeed / DDP do: average the gradients (and the trainer the loss) over ranks
+        for t in (*grads, loss):
+            dist.all_reduce(t)
+            t /= world_size
+    return loss, grads
 
 
 def _worker(rank, init_file, out_dir):

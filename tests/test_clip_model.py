@@ -8,8 +8,8 @@ import pytest
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from clip.model import (CLIP, CLIPConfig, load_clip, load_mae_encoder,
-                        param_groups_for_weight_decay, save_clip)
+from clip.model import CLIP, CLIPConfig, load_clip, load_mae_encoder, save_clip
+from launch.optim import param_groups
 from clip.text import TextConfig, TextTransformer
 from mae.vit import ViTConfig, VisionTransformer
 
@@ -248,7 +248,7 @@ def test_save_load_clip_round_trip(tmp_path, model):
 
 
 def test_param_groups_no_decay_exactly_biases_norms_embeddings_scale(model):
-    decay, no_decay = param_groups_for_weight_decay(model, 0.2)
+    decay, no_decay = param_groups(model, 0.2)
     assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     got = {names[id(p)] for p in no_decay["params"]}
@@ -262,4 +262,12 @@ def test_param_groups_no_decay_exactly_biases_norms_embeddings_scale(model):
     assert decayed.isdisjoint(got) and len(decayed) + len(got) == len(names)
     assert {"visual.patch_embed.proj.weight", "visual_proj.weight", "text_proj.weight",
             "text.blocks.1.mlp.fc2.weight", "visual.blocks.0.attn.qkv.weight"} <= decayed
-    assert model.param_groups(0.2)[1]["params"] == no_decay["params"]
+    # the same rule for the MAE model: its tokens are not decayed, its fixed position tables not trained
+    from mae.model import MAEConfig, MaskedAutoencoder
+
+    mae = MaskedAutoencoder(MAEConfig(encoder=VISION, decoder_embed_dim=8, decoder_depth=1, decoder_num_heads=2))
+    names = {id(p): n for n, p in mae.named_parameters()}
+    mae_decay, mae_no_decay = ({names[id(p)] for p in g["params"]} for g in param_groups(mae, 0.05))
+    assert {"mask_token", "encoder.cls_token", "decoder_norm.weight"} <= mae_no_decay
+    assert {"decoder_pred.weight", "encoder.blocks.0.attn.qkv.weight"} <= mae_decay
+    assert "encoder.pos_embed" not in mae_decay | mae_no_decay

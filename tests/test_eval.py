@@ -1,5 +1,7 @@
-"""clip.metrics / clip.eval: hand-computed metrics, a synthetic zero-shot case with a known answer,
-and the CLI (JSON schema, charts, error paths) on a tiny CLIP over bundled emoji rows."""
+"""clip.metrics / clip.evaluate / clip.eval: hand-computed metrics, chance level and k cap, a
+synthetic zero-shot case with a known answer, the held-out validation against the CLI and a
+reference loss, the charts, and the CLI (JSON schema, error paths) on a tiny CLIP over bundled
+emoji rows."""
 from __future__ import annotations
 
 import json
@@ -10,11 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip.eval import (
-    evaluate_crosslingual, evaluate_retrieval, evaluate_zeroshot, flatten_metrics, main, zeroshot_classifier,
+from clip.encode import zeroshot_classifier
+from clip.eval import main
+from clip.evaluate import (
+    evaluate_crosslingual, evaluate_heldout, evaluate_retrieval, evaluate_zeroshot, flatten_metrics,
 )
 from clip.metrics import (
-    accuracy_at_k, rank_stats, ranks_from_scores, retrieval_metrics, retrieval_ranks, topk_accuracy,
+    accuracy_at_k, chance_at_k, curve_ks, rank_stats, ranks_from_scores, retrieval_metrics, retrieval_ranks,
+    topk_accuracy,
 )
 
 GROUPS_KO = {
@@ -49,11 +54,11 @@ def test_retrieval_metrics_hand_computed_several_captions():
     # image 1: t0 (0.9) beats t2 (0.5) -> 2; image 2: best own t3 (0.2) -> 1
     assert i2t.tolist() == [1, 2, 1]
     m = retrieval_metrics(image_emb, text_emb, text_image, ks=(1, 2, 5))
-    assert m["image_retrieval_recall@1"] == pytest.approx(0.4)
-    assert m["image_retrieval_recall@2"] == 1.0
-    assert m["text_retrieval_recall@1"] == pytest.approx(2 / 3)
-    assert m["image_retrieval_rank_median"] == 2.0 and m["image_retrieval_rank_mean"] == pytest.approx(1.6)
-    assert (m["image_retrieval_rank_q1"], m["image_retrieval_rank_q3"]) == (1.0, 2.0)
+    assert m["text_to_image_R@1"] == pytest.approx(0.4)
+    assert m["text_to_image_R@2"] == 1.0
+    assert m["image_to_text_R@1"] == pytest.approx(2 / 3)
+    assert m["text_to_image_rank_median"] == 2.0 and m["text_to_image_rank_mean"] == pytest.approx(1.6)
+    assert (m["text_to_image_rank_q1"], m["text_to_image_rank_q3"]) == (1.0, 2.0)
     assert (m["n_images"], m["n_texts"]) == (3, 5)
     # an image without any caption is a gallery distractor, not an image->text query
     t2i, i2t = retrieval_ranks(torch.eye(4), F.pad(text_emb, (0, 1)), text_image)
@@ -84,6 +89,36 @@ def test_recall_monotone_and_matches_argsort_reference():
     assert all(a <= b for a, b in zip(recalls, recalls[1:])) and recalls[-1] == 1.0
     recalls = list(accuracy_at_k(i2t, range(1, 71)).values())
     assert all(a <= b for a, b in zip(recalls, recalls[1:])) and recalls[-1] == 1.0
+
+
+def test_chance_level_and_k_cap():
+    assert list(curve_ks(9)) == list(range(1, 10)) and list(curve_ks(267)) == list(range(1, 11))
+    assert chance_at_k([1, 5, 10], 9) == {1: 1 / 9, 5: 5 / 9, 10: 1.0}
+    # random scores over K = 20 candidates reach the chance level k / K
+    g = torch.Generator().manual_seed(0)
+    correct = torch.zeros(20000, 20, dtype=torch.bool)
+    correct[:, 0] = True
+    acc = accuracy_at_k(ranks_from_scores(torch.randn(20000, 20, generator=g), correct), [1, 5, 10])
+    for k, chance in chance_at_k([1, 5, 10], 20).items():
+        assert acc[k] == pytest.approx(chance, abs=0.01)
+
+
+def test_charts_chance_line_axis_labels_legend_outside(tmp_path):
+    from clip.charts import plot_accuracy_at_k, plot_rank_boxplot
+
+    curves = {"en": {"1": 0.2, "2": 0.5, "3": 1.0}, "ko": {"1": 0.4, "2": 0.6, "3": 1.0}}
+    fig = plot_accuracy_at_k(curves, tmp_path / "acc.png", "zero-shot", chance_at_k([1, 2, 3], 3),
+                             "chance k/3 (classes)", "top-k accuracy")
+    ax = fig.axes[0]
+    (line,) = ax.lines
+    assert line.get_label() == "chance k/3 (classes)" and list(line.get_ydata()) == [1 / 3, 2 / 3, 1.0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("k", "top-k accuracy")
+    assert ax.get_legend().get_window_extent().y1 <= ax.get_window_extent().y0  # below the axes
+    fig = plot_rank_boxplot({"en t->i": torch.tensor([1, 2, 9]), "ko": torch.tensor([3, 4])}, tmp_path / "r.png", "r")
+    ax = fig.axes[0]
+    assert ax.get_ylabel().startswith("rank") and ax.get_yscale() == "log"
+    assert ax.get_legend().get_window_extent().y1 <= ax.get_window_extent().y0
+    assert _is_png(tmp_path / "acc.png") and _is_png(tmp_path / "r.png")
 
 
 # ----------------------------------------------------------------------------- synthetic zero-shot
@@ -176,17 +211,17 @@ def test_evaluate_retrieval_and_crosslingual_fake():
     en = res["languages"]["en"]
     assert (res["n_images"], res["n_no_caption"], en["n_texts"]) == (3, 1, 4)
     assert res["languages"]["ko"] == {"n_texts": 0}
-    assert res["ranks"]["en"]["image_retrieval"].tolist() == [1, 1, 1, 3]
+    assert res["ranks"]["en"]["text_to_image"].tolist() == [1, 1, 1, 3]
     # image 0's caption ties with image 2's "a car." (both e0): pessimistic rank 2
-    assert res["ranks"]["en"]["text_retrieval"].tolist() == [2, 1, 1]
-    assert en["text_retrieval_recall@1"] == pytest.approx(2 / 3) and en["image_retrieval_recall@1"] == 0.75
+    assert res["ranks"]["en"]["image_to_text"].tolist() == [2, 1, 1]
+    assert en["image_to_text_R@1"] == pytest.approx(2 / 3) and en["text_to_image_R@1"] == 0.75
     flat = flatten_metrics(res, "val/")
-    assert flat["val/en/image_retrieval_recall@1"] == 0.75 and flat["val/n_images"] == 3
+    assert flat["val/en/text_to_image_R@1"] == 0.75 and flat["val/n_images"] == 3
     assert flat["val/en/text_to_image_accuracy_at_k/3"] == 1.0 and "val/ties" not in flat
     pairs = [("a photo of a cat.", "고양이 사진"), ("a photo of a dog.", "개 사진")]
     # "고양이 사진" = e1 = "a photo of a dog." -> the en->ko mapping is swapped: ranks 2
     x = evaluate_crosslingual(model, tok, pairs, ("en", "ko"))
-    assert x["directions"]["en_to_ko"]["recall@1"] == 0.0
+    assert x["directions"]["en_to_ko"]["R@1"] == 0.0
     assert x["directions"]["ko_to_en"]["rank_median"] == 2.0
 
 
@@ -236,7 +271,8 @@ def test_cli_zeroshot_schema(tiny_run, capsys):
     for lang in ("en", "ko"):
         s = d["languages"][lang]
         assert 0.0 <= s["acc1"] <= s["acc5"] <= 1.0 and s["n_classes"] == 9
-        assert list(s["accuracy_at_k"]) == [str(k) for k in range(1, 11)] and s["accuracy_at_k"]["9"] == 1.0
+        # accuracy@k stops at k = C = 9 classes (beyond it is 1 by construction)
+        assert list(s["accuracy_at_k"]) == [str(k) for k in range(1, 10)] and s["accuracy_at_k"]["9"] == 1.0
         assert 1.0 <= s["rank_q1"] <= s["rank_median"] <= s["rank_q3"] <= 9.0
     assert d["templates"]["ko"][0] == "{} 사진"
     assert all(_is_png(out / c) for c in d["charts"])
@@ -255,15 +291,15 @@ def test_cli_retrieval_schema_and_val_split(tiny_run):
     for lang in ("en", "ko"):
         s = d["languages"][lang]
         for k in (1, 5, 10):
-            assert isinstance(s[f"image_retrieval_recall@{k}"], float)
-            assert isinstance(s[f"text_retrieval_recall@{k}"], float)
-        r = [s[f"image_retrieval_recall@{k}"] for k in (1, 5, 10)]
+            assert isinstance(s[f"text_to_image_R@{k}"], float)
+            assert isinstance(s[f"image_to_text_R@{k}"], float)
+        r = [s[f"text_to_image_R@{k}"] for k in (1, 5, 10)]
         assert r == sorted(r)
-        for name in ("image_retrieval", "text_retrieval"):
+        for name in ("text_to_image", "image_to_text"):
             assert 1 <= s[f"{name}_rank_q1"] <= s[f"{name}_rank_median"] <= s[f"{name}_rank_q3"] <= 20
             assert 1 <= s[f"{name}_rank_mean"] <= 20
         assert list(s["text_to_image_accuracy_at_k"]) == [str(k) for k in range(1, 11)]
-        assert s["text_to_image_accuracy_at_k"]["5"] == s["image_retrieval_recall@5"]
+        assert s["text_to_image_accuracy_at_k"]["5"] == s["text_to_image_R@5"]
     assert all(_is_png(out / c) for c in d["charts"])
     # held-out split: exactly the rows split_rows puts in val, never a train row
     _, val = split_rows(tiny_run["rows"], 0.5, key_field="base", seed=0)
@@ -290,7 +326,7 @@ def test_cli_crosslingual_dedupes(tiny_run):
     assert (d["n_pairs"], d["n_dropped_duplicates"], d["rank_base"]) == (4, 3, 1)
     for name in ("en_to_ko", "ko_to_en"):
         s = d["directions"][name]
-        assert s["recall@1"] <= s["recall@5"] == 1.0 == s["recall@10"] and 1 <= s["rank_median"] <= 4
+        assert s["R@1"] <= s["R@5"] == 1.0 == s["R@10"] and 1 <= s["rank_median"] <= 4
     assert all(_is_png(out / c) for c in d["charts"])
 
 
@@ -324,3 +360,64 @@ def test_cli_bad_input_exit_2_one_line(tiny_run, capsys, case):
     assert err.startswith("clip.eval: error:") and err.count("\n") == 1 and "Traceback" not in err
     expected = {"missing_file": "not found", "unknown_label": "'Flags'", "missing_language": "['ko']"}
     assert expected[case] in err
+
+
+def _heldout_inputs(tiny_run):
+    from mae.data import eval_transform
+    from clip.model import load_clip
+    from mae.data import iter_manifest
+    from tokenizer import BilingualTokenizer
+
+    model = load_clip(tiny_run["run"] / "clip_ckpt.pt")
+    tok = BilingualTokenizer.from_dir(tiny_run["run"] / "tokenizer")
+    rows = list(iter_manifest(tiny_run["manifest"]))  # 20 images + 1 undecodable
+    return model, tok, rows, eval_transform(model.cfg.vision.img_size)
+
+
+def test_evaluate_heldout_matches_cli_and_reference_loss(tiny_run):
+    from clip.data import extract_captions
+    from mae.data import load_rgb
+    from clip.loss import ClipLoss
+
+    model, tok, rows, tf = _heldout_inputs(tiny_run)
+    model.train()
+    res = evaluate_heldout(model, tok, rows, ["en", "ko"], "cpu", transform=tf, loss_batch_size=8)
+    assert model.training  # restored after the call
+    out = tiny_run["root"] / "out_heldout"
+    assert main(["retrieval", "--checkpoint", str(tiny_run["run"]), "--manifest", str(tiny_run["manifest"]),
+                 "--out", str(out)]) == 0
+    d = json.loads((out / "metrics_retrieval.json").read_text(encoding="utf-8"))["languages"]
+    expected = {f"{lang}/{name}_R@{k}": d[lang][f"{name}_R@{k}"]
+                for lang in ("en", "ko") for name in ("image_to_text", "text_to_image") for k in (1, 5, 10)}
+    assert {k: v for k, v in res.items() if k != "loss"} == expected  # exactly the CLI's figures
+
+    # reference loss: each image's first caption per language, the 20 images as 8 + 8 of a seeded
+    # permutation (the short last 4 dropped), the mean of the two batch losses
+    good = [r for r in rows if r["key"] != "bad"]
+    caps = [extract_captions(r, ["en", "ko"])[0] for r in good]
+    mask = torch.tensor([[lang in c for lang in ("en", "ko")] for c in caps])  # (20, 2)
+    tokens = tok.encode_batch([c.get(lang, ["-"])[0] for c in caps for lang in ("en", "ko")],
+                              context_length=model.cfg.text.context_length).view(20, 2, -1)  # (20, 2, T)
+    model.eval()
+    with torch.no_grad():
+        img = model.encode_image(torch.stack([tf(load_rgb(r["path"])) for r in good]))  # (20, E)
+        txt = model.encode_captions(tokens, mask)  # (20, 2, E)
+        perm = torch.randperm(20, generator=torch.Generator().manual_seed(0))
+        ref = sum(ClipLoss()(img[c][None], txt[c], mask[c], model.scale()) for c in (perm[:8], perm[8:16])) / 2
+    assert res["loss"] == pytest.approx(float(ref), rel=1e-4)
+    # one batch larger than the set: the whole set is the only (short) batch, kept
+    whole = evaluate_heldout(model, tok, rows, ["en", "ko"], "cpu", transform=tf, loss_batch_size=64)
+    with torch.no_grad():
+        assert whole["loss"] == pytest.approx(float(ClipLoss()(img[None], txt, mask, model.scale())), rel=1e-4)
+    assert not model.training
+
+
+def test_evaluate_heldout_bf16_model(tiny_run):
+    model, tok, rows, tf = _heldout_inputs(tiny_run)
+    ref = evaluate_heldout(model, tok, rows, ["en", "ko"], "cpu", transform=tf, loss_batch_size=8, ks=(1, 5))
+    res = evaluate_heldout(model.to(torch.bfloat16), tok, rows, ["en", "ko"], "cpu", transform=tf,
+                           loss_batch_size=8, ks=(1, 5))
+    assert list(res) == list(ref) == ["loss"] + [f"{lang}/{name}_R@{k}" for lang in ("en", "ko")
+                                                 for name in ("text_to_image", "image_to_text") for k in (1, 5)]
+    assert all(isinstance(v, float) for v in res.values())
+    assert res["loss"] == pytest.approx(ref["loss"], abs=0.05)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_freeze_window_bf16_zero2(tmp_path, tiny_tokenizer_dir, free_port):
-    from launch.mae import MAERunConfig
+    from launch.train_mae import MAERunConfig
     from mae.model import MaskedAutoencoder, save_encoder_checkpoint
 
     mae_cfg = load_config(MAERunConfig, str(ROOT / "configs" / "mae_tiny.yaml")).model

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
+from mae.checkpoint import MAE_FORMAT as CHECKPOINT_FORMAT
 from mae.model import (
-    CHECKPOINT_FORMAT,
     MAEConfig,
     MaskedAutoencoder,
     load_encoder_checkpoint,

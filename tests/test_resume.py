@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from launch.config import TrainConfig
-from launch.runtime import lr_factor
+from launch.optim import lr_factor
 
 MAE = os.path.join(os.path.dirname(__file__), "..", "launch", "mae.py")
 CFG = os.path.join(os.path.dirname(__file__), "..", "configs", "mae_tiny.yaml")

@@ -2,6 +2,7 @@
 ``deepspeed`` launcher (2 CPU ranks, gloo) against one process with the same global batch."""
 import math
 import os
+from dataclasses import dataclass, field
 import subprocess
 import sys
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from launch.config import ConfigError, TrainConfig
-from launch.runtime import check_precision, deepspeed_config, lr_factor, param_groups, peak_lr
+from launch.optim import (PRECISIONS, FreezeSchedule, LRSchedule, check_machine, deepspeed_config, lr_factor,
+                          param_groups)
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "dp_runtime.py")
 
@@ -21,14 +23,18 @@ def test_lr_schedule_warmup_then_half_cosine():
     assert f[4] == pytest.approx(1.0)
     assert f[7] == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 6)))
     assert all(a >= b for a, b in zip(f[3:], f[4:]))
-    assert lr_factor(2, t, freeze_steps=3) == 0.0 and lr_factor(3, t, freeze_steps=3) == 1.0
     assert lr_factor(10, t, floor=0.1) == pytest.approx(0.1)
+    m = torch.nn.ModuleDict({"visual": torch.nn.Linear(2, 2), "text": torch.nn.Linear(2, 2)})
+    freeze, sched = FreezeSchedule(m, {"visual.": 3}), LRSchedule(t, 1)
+    frozen = freeze.lr_lambda(sched, freeze.steps_for("visual.weight"))
+    assert frozen(2) == 0.0 and frozen(3) == 1.0 and freeze.lr_lambda(sched, 0)(2) == 0.75
 
 
 def test_peak_lr_scales_with_global_batch():
     t = TrainConfig(micro_batch_size=64, grad_accum=2, base_lr=1.5e-4)
-    assert peak_lr(t, world_size=2) == pytest.approx(1.5e-4 * 256 / 256)
-    assert peak_lr(TrainConfig(lr=1e-3), 8) == 1e-3
+    assert LRSchedule(t, world_size=2).peak == pytest.approx(1.5e-4 * 256 / 256)
+    assert LRSchedule(TrainConfig(lr=1e-3), 8).peak == 1e-3
+    assert LRSchedule(TrainConfig(lr=1e-3, steps=10, warmup_steps=4), 1).lr(1) == pytest.approx(5e-4)
 
 
 def test_deepspeed_config_fields():
@@ -42,25 +48,40 @@ def test_deepspeed_config_fields():
 
 
 def test_precision_checks():
+    from launch.config import load_config
+
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
-        check_precision(TrainConfig(precision="fp16"), torch.device("cpu"))
-    with pytest.raises(ConfigError, match="fp32, bf16 or fp16"):
-        check_precision(TrainConfig(precision="fp8"), torch.device("cpu"))
-    with pytest.raises(ConfigError, match="zero_stage"):
-        check_precision(TrainConfig(zero_stage=3), torch.device("cpu"))
-    check_precision(TrainConfig(precision="fp16"), torch.device("cuda"))
+        check_machine(TrainConfig(precision="fp16"), "cpu")
+    with pytest.raises(ConfigError, match="'train.precision' must be one of fp32, bf16, fp16, got 'fp8'"):
+        load_config(_Run, None, ["train.precision=fp8"])
+    with pytest.raises(ConfigError, match="'train.zero_stage' must be one of 0, 1, 2, got 3"):
+        load_config(_Run, None, ["train.zero_stage=3"])
+    check_machine(TrainConfig(precision="fp16"), "cuda")
+    assert {k: v.dtype for k, v in PRECISIONS.items()} == {
+        "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class _Run:
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def test_param_groups_exclude_norms_biases_and_freeze():
     m = torch.nn.ModuleDict({"visual": torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.LayerNorm(3)),
                              "text": torch.nn.Linear(3, 1)})
-    groups = param_groups(m, 0.05, frozen={"visual.": 5})
-    by = {(g["weight_decay"], g["freeze_steps"]): sum(p.numel() for p in g["params"]) for g in groups}
+    freeze = FreezeSchedule(m, {"visual.": 5})
+    groups = param_groups(m, 0.05, freeze)
+    by = {(g["weight_decay"], freeze.steps_of(g["params"][0])): sum(p.numel() for p in g["params"]) for g in groups}
     assert by == {(0.05, 0): 3, (0.0, 0): 1, (0.05, 5): 6, (0.0, 5): 3 + 3 + 3}
+    assert all(set(g) == {"params", "weight_decay"} for g in groups)  # plain torch groups
+    freeze.apply(4)
+    assert not m["visual"][0].weight.requires_grad and m["text"].weight.requires_grad
+    freeze.apply(5)
+    assert m["visual"][0].weight.requires_grad
 
 
 def _another_port(taken: int) -> int:
-    from launch.runtime import free_port as find
+    from launch.dist import free_port as find
 
     while (port := find()) == taken:
         pass
@@ -100,7 +121,7 @@ def test_two_ranks_equal_one_rank(tmp_path, free_port):
 
 
 def test_adamw_is_fused_where_supported():
-    from launch.runtime import adamw
+    from launch.optim import adamw
 
     p = torch.nn.Parameter(torch.ones(3))
     opt = adamw([{"params": [p]}], lr=0.1, betas=(0.9, 0.95), eps=1e-8)

@@ -10,8 +10,10 @@ from pathlib import Path
 import torch
 
 from launch.config import RunConfig, TrainConfig, load_config
-from launch.runtime import (Monitor, build_engine, infinite_batches, init_distributed, param_groups,
-                            prepare_run_dir, run_main, set_seed, train_loop)
+from launch.dist import init_distributed, set_seed
+from launch.loop import infinite_batches, prepare_run_dir, run_main, train_loop
+from launch.monitor import Monitor
+from launch.optim import build_engine
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ def main(argv):
     dist = init_distributed()
     set_seed(cfg.train.seed)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.LayerNorm(16), torch.nn.GELU(), torch.nn.Linear(16, 1))
-    engine, ds = build_engine(model, param_groups(model, cfg.train.weight_decay), cfg.train, dist)
+    engine, ds, schedule = build_engine(model, cfg.train, dist)
     run_dir = prepare_run_dir(cfg.run, cfg, dist, {"ds_config.json": ds})
     gen = torch.Generator().manual_seed(123)
     global_b = cfg.train.micro_batch_size * dist.world_size
@@ -40,12 +42,12 @@ def main(argv):
         lo, hi = dist.rank * cfg.train.micro_batch_size, (dist.rank + 1) * cfg.train.micro_batch_size
         return [(xs[i, lo:hi], ys[i, lo:hi]) for i in range(n_micro)]
 
-    def step_fn(batch, step):
+    def step_fn(batch):
         x, y = batch
         return torch.nn.functional.mse_loss(engine(x), y), {}
 
     monitor = Monitor(run_dir, dist)
-    train_loop(engine, infinite_batches(loader), step_fn, cfg.train, cfg.run, dist, monitor)
+    train_loop(engine, infinite_batches(loader), step_fn, cfg.train, cfg.run, dist, monitor, schedule)
     if dist.is_main:
         torch.save({k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}, Path(out) / "final.pt")
         monitor.close()

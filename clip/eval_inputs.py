@@ -1,16 +1,27 @@
-"""Inputs and outputs of :mod:`clip.eval`: the checkpoint and its tokenizer, image folders,
-class-name files, parallel text pairs, and the charts (matplotlib, Agg backend)."""
+"""Inputs of the evaluation: the checkpoint and its tokenizer, manifest rows (optionally one side
+of the train/val split), image folders, class names and prompt templates, parallel text pairs.
+Bad input raises FileNotFoundError or ValueError with a one-line message."""
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import torch
+
+def _existing(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {p}")
+    return p
 
 
-# ----------------------------------------------------------------------------- inputs
+def _read_json(p: Path):
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
+
 
 def load_model_and_tokenizer(checkpoint: str, tokenizer_dir: str | None = None, device="cpu"):
     """A CLIP from ``clip_ckpt.pt`` or a run folder, and its tokenizer (default: ``tokenizer/`` beside it)."""
@@ -18,9 +29,7 @@ def load_model_and_tokenizer(checkpoint: str, tokenizer_dir: str | None = None, 
     from tokenizer import BilingualTokenizer
 
     path = Path(checkpoint)
-    ckpt = path / "clip_ckpt.pt" if path.is_dir() else path
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"CLIP checkpoint not found: {ckpt}")
+    ckpt = _existing(path / "clip_ckpt.pt" if path.is_dir() else path, "CLIP checkpoint")
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else ckpt.parent / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(f"tokenizer not found: {tok_dir} (pass --tokenizer DIR)")
@@ -48,14 +57,9 @@ def image_folder_samples(root: str) -> tuple[list[dict], list[str]]:
 def read_classnames(path: str, languages: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
     """(labels, {lang: names}) from JSON ``{"en": {label: name}, "ko": {...}}`` or a TSV with header
     ``label en ko``. Every language must name every label."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"class-name file not found: {p}")
+    p = _existing(path, "class-name file")
     if p.suffix.lower() == ".json":
-        try:
-            table = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        table = _read_json(p)
     else:
         with open(p, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
@@ -81,9 +85,7 @@ def read_parallel(path: str, languages=("en", "ko"), normalize=None, max_pairs: 
     Deduplication: empty pairs are dropped, then a pair is kept only if NEITHER side (compared after
     ``normalize``, e.g. the tokenizer's) was seen in an earlier kept pair, so the first occurrence
     wins and every text has exactly one right answer. Returns (pairs, n_dropped)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"parallel file not found: {p}")
+    p = _existing(path, "parallel file")
     normalize = normalize or str.strip
     with open(p, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -104,42 +106,51 @@ def read_parallel(path: str, languages=("en", "ko"), normalize=None, max_pairs: 
     return pairs, dropped
 
 
-# ----------------------------------------------------------------------------- outputs
+def load_rows(source: str, split: str = "all", val_fraction: float = 0.15, split_key: str = "base",
+              seed: int = 0, max_rows: int | None = None, allow_folder: bool = False):
+    """(rows, image root, split info, folder classes or None) of a JSONL manifest or an image folder.
 
-def plot_accuracy_at_k(series: Mapping[str, Mapping[str, float]], path, title: str) -> None:
-    """Grouped bars: accuracy@k (k on the x axis) for each series (language or direction)."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
-
-    ks = sorted({int(k) for acc in series.values() for k in acc})
-    width = 0.8 / max(1, len(series))
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
-    for j, (name, acc) in enumerate(series.items()):
-        offset = (j - (len(series) - 1) / 2) * width  # series side by side around each k
-        ax.bar([k + offset for k in ks], [acc[str(k)] for k in ks], width, label=name)
-    ax.set(xlabel="k", ylabel="accuracy@k", title=title, ylim=(0, 1), xticks=ks)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def plot_rank_boxplot(series: Mapping[str, torch.Tensor], path, title: str) -> None:
-    """Box plot of the 1-based ranks of each series on a log-scale y axis (1 = best)."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
-
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
-    ax.boxplot([r.numpy() for r in series.values()], showmeans=True)
-    ax.set_xticks(range(1, len(series) + 1), list(series))
-    ax.set_yscale("log")
-    ax.set(ylabel="rank of the correct item (1 = best)", title=title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    Args:
+        source: a JSONL manifest (``mae.data.iter_manifest``), or with ``allow_folder`` an image
+            folder whose subfolders are the classes (always evaluated whole).
+        split: ``all``, or the ``train`` / ``val`` side of ``clip.data.split_rows(rows, val_fraction,
+            split_key, seed)`` (``val`` = the rows held out from training).
+        max_rows: keep only the first rows after the split.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"data not found: {path}")
+    if path.is_dir():
+        if not allow_folder:
+            raise ValueError(f"this task needs a JSONL manifest, got the folder {path}")
+        rows, classes = image_folder_samples(str(path))
+        return rows, path, {"name": "all", "n_rows": len(rows)}, classes
+    from clip.data import split_rows
+    from mae.data import iter_manifest
+    rows, info = list(iter_manifest(path)), {"name": split}
+    if split != "all":
+        train, val = split_rows(rows, val_fraction, key_field=split_key, seed=seed)
+        rows = val if split == "val" else train
+        info.update(val_fraction=val_fraction, key=split_key, seed=seed)
+    rows = rows[:max_rows] if max_rows else rows
+    return rows, path.parent, {**info, "n_rows": len(rows)}, None
 
 
-def print_table(header: list[str], rows: list[list]) -> None:
-    """A right-aligned text table on stdout (floats with 4 decimals)."""
-    cells = [header] + [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    for r in cells:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+def class_names(rows: Sequence[dict], label_field: str, languages: Sequence[str], path: str | None = None,
+                classes: Sequence[str] | None = None) -> tuple[list[str], dict[str, list[str]]]:
+    """(labels, {lang: names}) for zero-shot: from the file ``path`` (see :func:`read_classnames`),
+    which must name every row's ``row[label_field]``; without one, the labels (``classes`` or the
+    rows' sorted labels) with ``-``/``_`` read as spaces, the same text in every language."""
+    if path:
+        labels, names = read_classnames(path, languages)
+        unknown = sorted({r[label_field] for r in rows} - set(labels), key=str)
+        if unknown:
+            raise ValueError(f"label {unknown[0]!r} ({len(unknown)} unknown in all) is not in {path}")
+        return labels, names
+    labels = list(classes) if classes else sorted({r[label_field] for r in rows}, key=str)
+    return labels, {lang: [str(lab).replace("-", " ").replace("_", " ") for lab in labels] for lang in languages}
+
+
+def read_templates(path: str) -> dict[str, list[str]]:
+    """Prompt templates ``{lang: ["a photo of a {}.", ...]}`` from a JSON file."""
+    return _read_json(_existing(path, "template file"))

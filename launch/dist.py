@@ -1,0 +1,109 @@
+"""The process group: joining it, where this process stands, and the few collectives the runtime needs.
+
+Works under ``deepspeed [--num_gpus N | --hostfile H] launch/X.py``, ``torchrun``, and a plain
+``python launch/X.py`` (one process; the rendezvous variables are filled in here).
+"""
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process stands: rank, world size, local rank and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now, for a launcher's rendezvous (``--master_port``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerator_type() -> str:
+    """``"cpu"``, ``"cuda"``, ... : the device kind DeepSpeed will use, known before any process work."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def init_distributed() -> Dist:
+    """Join the process group the launcher set up (or make a one-process group).
+
+    The DeepSpeed launcher and torchrun export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+    MASTER_PORT. Without them this is a single process, and the variables are set here so that
+    DeepSpeed does not go looking for MPI. The backend is the accelerator's (NCCL on CUDA, gloo
+    or oneCCL on CPU).
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ.setdefault("LOCAL_RANK", "0")
+    deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        device = torch.device("cpu")
+    else:
+        acc.set_device(local)
+        device = torch.device(acc.device_name(local))
+    return Dist(rank, world, local, device)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group, if any. Left to interpreter exit, the teardown of gloo's and
+    DeepSpeed's communication threads can abort a rank ("terminate called without an active
+    exception") after a run that finished correctly."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (callers add the rank where streams must differ per rank)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def barrier(dist: Dist) -> None:
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+
+
+def all_reduce(values: dict[str, float], dist: Dist, op: str = "mean") -> dict[str, float]:
+    """Sum or mean of scalar metrics over ranks, in one collective."""
+    if dist.world_size == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=dist.device)
+    torch.distributed.all_reduce(t)
+    if op == "mean":
+        t /= dist.world_size
+    return dict(zip(keys, t.tolist()))
+
+
+def all_ranks_true(flag: bool, dist: Dist) -> bool:
+    """True when ``flag`` holds on every rank (a MIN all-reduce)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=dist.device)
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item() > 0)

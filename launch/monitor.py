@@ -1,0 +1,89 @@
+"""Rank-0 reporting of a run: ``metrics.jsonl``, TensorBoard scalars and PNG curves."""
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from launch.dist import Dist
+from mae.checkpoint import atomic_write_bytes
+
+
+class Monitor:
+    """Writes on rank 0 only; on other ranks every method does nothing.
+
+    Args:
+        out_dir: the run folder (``metrics.jsonl`` and ``tb/`` go there).
+        dist: this process's place; only rank 0 writes.
+        resume: keep an existing ``metrics.jsonl`` and append to it (else it is replaced).
+    """
+
+    def __init__(self, out_dir: Path, dist: Dist, resume: bool = False):
+        self.active = dist.is_main
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / "metrics.jsonl"
+        self.tb = None
+        if self.active:
+            if not resume and self.path.exists():
+                self.path.unlink()
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.out_dir / "tb"))
+            except Exception as e:  # tensorboard is a dependency, but a broken install must not stop training
+                print(f"warning: TensorBoard disabled ({e})", file=sys.stderr)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.active:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+
+    def history(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def plot(self, name: str, keys: list[str], title: str, ylabel: str,
+             chance: Optional[float] = None, labels: Optional[dict[str, str]] = None,
+             chance_label: str = "chance") -> Optional[Path]:
+        """Curves of ``keys`` against the optimizer step into ``<out_dir>/<name>`` (PNG).
+
+        ``chance`` draws a reference level (``chance_label``) as a dashed line; ``labels`` renames keys in the legend,
+        which sits below the axes so that it never covers a curve.
+        """
+        if not self.active:
+            return None
+        from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
+
+        rows = self.history()
+        fig = Figure(figsize=(6.4, 4.8))
+        ax = fig.subplots()
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if k in r]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="." if len(pts) < 30 else None, label=(labels or {}).get(k, k))
+        if chance is not None:
+            ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"{chance_label} ({chance:.3g})")
+        ax.set(xlabel="optimizer step", ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3)
+        handles = ax.get_legend_handles_labels()[0]
+        if handles:
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=min(3, len(handles)), fontsize="small",
+                      frameon=False)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        path = self.out_dir / name
+        atomic_write_bytes(path, buf.getvalue())
+        return path
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,199 @@
+"""Optimisation: precision, the DeepSpeed config, AdamW groups, the lr schedule and tower freezing.
+
+Each rule has one owner here: :data:`PRECISIONS` (precision -> dtype and DeepSpeed keys),
+:func:`no_weight_decay` (which parameters are not decayed), :class:`LRSchedule` (peak lr,
+warmup, cosine) and :class:`FreezeSchedule` (which parameters are frozen for how many steps: their
+learning rate is 0 and they get no gradient). :func:`build_engine` puts them together in
+``deepspeed.initialize``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, get_args
+
+import torch
+from torch import nn
+
+from launch.config import ConfigError, Precision, TrainConfig
+from launch.dist import Dist
+
+
+@dataclass(frozen=True)
+class PrecisionSpec:
+    dtype: torch.dtype
+    deepspeed_key: Optional[str]  # the DeepSpeed config section that enables it
+    needs_gpu: bool = False
+
+
+PRECISIONS: dict[str, PrecisionSpec] = {
+    "fp32": PrecisionSpec(torch.float32, None),
+    "bf16": PrecisionSpec(torch.bfloat16, "bf16"),
+    "fp16": PrecisionSpec(torch.float16, "fp16", needs_gpu=True),  # DeepSpeed's CPU accelerator has no fp16
+}
+assert set(PRECISIONS) == set(get_args(Precision))
+
+
+def model_dtype(train: TrainConfig) -> torch.dtype:
+    return PRECISIONS[train.precision].dtype
+
+
+def check_machine(train: TrainConfig, device_type: str) -> None:
+    """One clear line for a precision this machine cannot run (checked before any process work)."""
+    if PRECISIONS[train.precision].needs_gpu and device_type == "cpu":
+        raise ConfigError(f"train.precision={train.precision} needs a GPU: DeepSpeed's CPU accelerator "
+                          "has no fp16; use bf16 or fp32")
+
+
+def global_batch(train: TrainConfig, world_size: int) -> int:
+    return train.micro_batch_size * train.grad_accum * world_size
+
+
+def deepspeed_config(train: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON config for a run (saved as ``ds_config.json`` in the run folder)."""
+    cfg: dict[str, Any] = {
+        "train_batch_size": global_batch(train, world_size),
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    key = PRECISIONS[train.precision].deepspeed_key
+    if key is not None:
+        cfg[key] = {"enabled": True}
+    if train.precision == "fp16":
+        cfg["fp16"].update({
+            "loss_scale": 0,  # dynamic
+            "initial_scale_power": train.fp16_initial_scale_power,
+            "loss_scale_window": train.fp16_loss_scale_window,
+            "hysteresis": train.fp16_hysteresis,
+            "min_loss_scale": 1,
+        })
+    return cfg
+
+
+class LRSchedule:
+    """Peak lr (``train.lr``, else ``base_lr * global_batch / 256``), per-step linear warmup, then a
+    half-cycle cosine from the peak down to ``train.min_lr`` at ``train.steps``."""
+
+    def __init__(self, train: TrainConfig, world_size: int):
+        self.train = train
+        self.peak = train.lr if train.lr is not None else train.base_lr * global_batch(train, world_size) / 256
+        self.floor = train.min_lr / self.peak if self.peak > 0 else 0.0
+
+    def factor(self, step: int) -> float:
+        """Factor of the peak lr at optimizer step ``step`` (0-based)."""
+        return lr_factor(step, self.train, self.floor)
+
+    def lr(self, step: int) -> float:
+        """The lr of the parameters that are not frozen, at optimizer step ``step``."""
+        return self.peak * self.factor(step)
+
+
+def lr_factor(step: int, train: TrainConfig, floor: float = 0.0) -> float:
+    """Linear warmup over ``train.warmup_steps``, then cosine from 1 to ``floor`` at ``train.steps``."""
+    if step < train.warmup_steps:
+        return (step + 1) / train.warmup_steps
+    span = max(1, train.steps - train.warmup_steps)
+    progress = min(1.0, (step - train.warmup_steps) / span)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def freeze_steps(steps: int, epochs: float, steps_per_epoch: Optional[float], key: str) -> int:
+    """A freeze window in optimizer steps: the larger of ``steps`` and ``ceil(epochs * steps_per_epoch)``.
+    ``key`` names the setting (e.g. ``freeze.image``) in the error for a source of unknown size."""
+    if epochs > 0 and steps_per_epoch is None:
+        raise ConfigError(f"{key}_epochs needs a data source of known size; use {key}_steps")
+    return max(steps, math.ceil(epochs * steps_per_epoch) if epochs > 0 else 0)
+
+
+class FreezeSchedule:
+    """Parameters frozen at the start of training: for the first ``n`` optimizer steps of a window,
+    the parameters whose names start with its prefix have learning rate 0 (so they stay
+    bit-identical) and ``requires_grad=False`` (so no gradient is computed or kept for them).
+
+    Args:
+        model: the model whose parameters are frozen (those that require grad now).
+        windows: parameter-name prefix -> steps, e.g. ``{"visual.": 42, "text.": 0}``; a parameter
+            under several prefixes takes the longest window.
+    """
+
+    def __init__(self, model: nn.Module, windows: Optional[dict[str, int]] = None):
+        self.windows = {p: int(n) for p, n in (windows or {}).items() if n > 0}
+        self._steps = {id(p): self.steps_for(name) for name, p in model.named_parameters() if p.requires_grad}
+        self._managed = [p for p in model.parameters() if self._steps.get(id(p), 0) > 0]
+
+    def steps_for(self, name: str) -> int:
+        """The freeze window (steps) of the parameter called ``name``."""
+        return max([n for pre, n in self.windows.items() if name.startswith(pre)], default=0)
+
+    def steps_of(self, param: torch.Tensor) -> int:
+        return self._steps.get(id(param), 0)
+
+    def lr_lambda(self, schedule: LRSchedule, window: int):
+        """The factor of the peak lr for a parameter group frozen for ``window`` steps."""
+        return lambda step: 0.0 if step < window else schedule.factor(step)
+
+    def apply(self, step: int) -> None:
+        """Set ``requires_grad`` of every managed parameter for optimizer step ``step``."""
+        for p in self._managed:
+            p.requires_grad_(step >= self._steps[id(p)])
+
+
+_NO_DECAY_NAMES = {"pos_embed", "cls_token", "reg_token", "mask_token", "logit_scale"}
+
+
+def no_weight_decay(name: str, param: torch.Tensor, module: nn.Module) -> bool:
+    """True for biases and norm weights (every tensor of < 2 dims), embeddings (token tables,
+    position, cls and mask tokens) and ``logit_scale``: decay would pull them toward 0 for no gain."""
+    return (param.ndim < 2 or isinstance(module, (nn.Embedding, nn.LayerNorm))
+            or name.rsplit(".", 1)[-1] in _NO_DECAY_NAMES)
+
+
+def param_groups(model: nn.Module, weight_decay: float, freeze: Optional[FreezeSchedule] = None) -> list[dict]:
+    """AdamW groups of the parameters that require grad, split by decay (:func:`no_weight_decay`)
+    and by freeze window. Returns ``[{"params", "weight_decay"}, ...]`` (plain torch groups)."""
+    groups: dict[tuple[int, bool], list] = {}
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            window = freeze.steps_of(p) if freeze else 0
+            groups.setdefault((window, no_weight_decay(name, p, module)), []).append(p)
+    return [{"params": ps, "weight_decay": 0.0 if nd else weight_decay}
+            for (_, nd), ps in sorted(groups.items(), key=lambda kv: kv[0])]
+
+
+def adamw(groups: list[dict], **kw) -> torch.optim.AdamW:
+    """torch's AdamW, fused (one kernel over all tensors) where this torch and device support it."""
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):  # an older torch, or a device without the kernel
+        return torch.optim.AdamW(groups, **kw)
+
+
+def build_engine(model: nn.Module, train: TrainConfig, dist: Dist, freeze: Optional[FreezeSchedule] = None):
+    """``deepspeed.initialize`` with torch's AdamW (not DeepSpeed's JIT-compiled FusedAdam), the
+    groups of :func:`param_groups` and the lr schedule with each group's freeze window.
+
+    Returns ``(engine, ds_config, schedule)``.
+    """
+    import deepspeed
+
+    freeze = freeze or FreezeSchedule(model)
+    groups = param_groups(model, train.weight_decay, freeze)
+    schedule = LRSchedule(train, dist.world_size)
+    windows = [freeze.steps_of(g["params"][0]) for g in groups]
+    optimizer = adamw(groups, lr=schedule.peak, betas=tuple(train.betas), eps=train.eps)
+
+    def make_scheduler(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, [freeze.lr_lambda(schedule, w) for w in windows])
+
+    ds_cfg = deepspeed_config(train, dist.world_size)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=ds_cfg, dist_init_required=False
+    )
+    return engine, ds_cfg, schedule

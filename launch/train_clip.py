@@ -1,0 +1,218 @@
+"""Stage 2: bilingual CLIP from the MAE encoder under DeepSpeed  ->  ``<out_dir>/clip_ckpt.pt``.
+
+Run through the script ``launch/clip.py`` (``deepspeed launch/clip.py --init mae_ckpt.pt ...``).
+KELIP: MAE-initialised ViT-B/32, multi-crop (224 + 96 px), 98K bilingual BPE, pre-LN GPT-2 text
+tower (12 x 512 x 8). Parallel Multilingual CLIP: each image carries captions in several languages,
+the image is encoded once per crop and every translation is a positive (``data.caption_mode: all``),
+and pretrained towers are frozen for the first half epoch (``freeze.image_epochs: 0.5``).
+AdamW (0.9, 0.98, eps 1e-6), wd 0.2 (not on biases, norms, embeddings, temperature).
+"""
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from clip.augment import MultiCrop, MultiCropConfig
+from clip.data import CaptionCollate, CaptionMode, build_pair_dataset, split_rows
+from clip.evaluate import evaluate_heldout
+from clip.loss import ClipLoss
+from clip.model import CLIP, CLIPConfig, load_visual_state, save_clip
+from clip.text import text_config_for
+from launch.config import (PROJECT_ROOT, ConfigError, RunConfig, TrainConfig, dump_config, parse_run_args,
+                           resolve_path)
+from launch.dist import accelerator_type, barrier, init_distributed, set_seed
+from launch.loop import epochs_done, infinite_batches, prepare_run_dir, resume_checkpoint, save_checkpoint, train_loop
+from launch.monitor import Monitor
+from launch.optim import FreezeSchedule, build_engine, check_machine, freeze_steps, global_batch
+from mae.data import eval_transform, iter_manifest
+from mae.model import load_encoder_checkpoint
+from tokenizer import BilingualTokenizer
+
+
+@dataclass(frozen=True)
+class CLIPDataConfig:
+    """Image-text pairs: WebDataset shards or a JSONL manifest (+ image folder).
+
+    ``caption_mode``: ``all`` = one caption per language per image, all positives (Parallel
+    Multilingual CLIP); ``sample`` = one caption of a random language per image (KELIP's mixed
+    bilingual batches). Validation: ``val_source``, or else ``val_fraction`` of a manifest source
+    held out by ``split_key`` (for the emoji set: the base emoji, so variants never straddle).
+    """
+
+    source: str = "data/emoji/captions.jsonl"
+    languages: tuple[str, ...] = ("en", "ko")
+    caption_mode: CaptionMode = "all"
+    tokenizer: str = "runs/tokenizer"
+    val_source: Optional[str] = None
+    val_fraction: float = 0.15
+    split_key: str = "base"
+    split_seed: int = 0
+
+
+@dataclass(frozen=True)
+class FreezeConfig:
+    """Towers frozen (lr 0, no gradient) at the start; projections and temperature still train.
+    The window is the larger of ``*_steps`` and ``*_epochs`` x steps per epoch."""
+
+    image_steps: int = 0
+    image_epochs: float = 0.0
+    text_steps: int = 0
+    text_epochs: float = 0.0
+
+
+@dataclass(frozen=True)
+class CLIPRunConfig:
+    """The whole stage-2 run."""
+
+    model: CLIPConfig = field(default_factory=CLIPConfig)
+    augment: MultiCropConfig = field(default_factory=MultiCropConfig)
+    data: CLIPDataConfig = field(default_factory=CLIPDataConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2, warmup_steps=10))
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/clip"))
+    val_every: int = 50  # validation loss + R@k per language every N steps (and at the end); 0 = off
+    gather_with_grad: bool = True
+
+
+def load_tokenizer(folder: Path, key: str = "data.tokenizer") -> BilingualTokenizer:
+    try:
+        return BilingualTokenizer.from_dir(folder)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"{key}={folder}: {e}; train one with `python -m tokenizer.train --corpus en.txt ko.txt "
+                          f"--out {folder}`") from None
+
+
+def split_sources(data: CLIPDataConfig):
+    """(train source, val rows or None): a held-out split of a manifest, or the configured sources."""
+    source = resolve_path(data.source)
+    if data.val_source:
+        return source, list(iter_manifest(resolve_path(data.val_source)))
+    if source.endswith(".jsonl") and data.val_fraction > 0:
+        train, val = split_rows(list(iter_manifest(source)), data.val_fraction, data.split_key, data.split_seed)
+        if not train or not val:
+            raise ConfigError(f"data.val_fraction={data.val_fraction} leaves an empty split of {source}")
+        return train, val
+    return source, None
+
+
+def resolve(cfg: CLIPRunConfig, init: Optional[str]):
+    """The run config as it will train: the text tower's vocabulary and special ids from the
+    tokenizer, the image tower's shape from the ``--init`` checkpoint (a config cannot disagree with
+    them). Returns ``(cfg, tokenizer, tokenizer folder, init state dict or None)``."""
+    tok_dir = Path(resolve_path(cfg.data.tokenizer))
+    tokenizer = load_tokenizer(tok_dir)
+    model = replace(cfg.model, text=text_config_for(cfg.model.text, tokenizer))
+    state = None
+    if init:
+        try:
+            vision, state = load_encoder_checkpoint(init)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"--init: {e}") from None
+        if vision != model.vision:
+            changed = [k for k in vision.__dataclass_fields__ if getattr(vision, k) != getattr(model.vision, k)]
+            print(f"note: model.vision taken from {init} ({', '.join(changed)} differ from the config)")
+        model = replace(model, vision=vision)
+    return replace(cfg, model=model), tokenizer, tok_dir, state
+
+
+def main(argv: list[str]) -> Path:
+    args, cfg = parse_run_args(argv, CLIPRunConfig, __doc__.split("\n")[0],
+                               str(PROJECT_ROOT / "configs" / "clip.yaml"),
+                               options=(("--init", "mae_ckpt.pt from stage 1: initialises the image tower "
+                                                   "(and sets model.vision)"),))
+    cfg, tokenizer, tok_dir, init_state = resolve(cfg, args.init)
+    train_src, val_rows = split_sources(cfg.data)
+    check_machine(cfg.train, accelerator_type())
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return Path(cfg.run.out_dir)
+    dist = init_distributed()
+
+    set_seed(cfg.train.seed)  # same initial weights on every rank
+    model = CLIP(cfg.model)
+    if init_state is not None:
+        load_visual_state(model, cfg.model.vision, init_state, args.init)
+    set_seed(cfg.train.seed + dist.rank)  # different augmentation streams per rank
+
+    dataset = build_pair_dataset(train_src, MultiCrop(cfg.augment), languages=cfg.data.languages,
+                                 rank=dist.rank, world_size=dist.world_size, seed=cfg.train.seed)
+    n_train = dataset.num_samples()
+    per_epoch = n_train / global_batch(cfg.train, dist.world_size) if n_train else None
+    f = cfg.freeze
+    freeze = FreezeSchedule(model, {
+        "visual.": freeze_steps(f.image_steps, f.image_epochs, per_epoch, "freeze.image"),
+        "text.": freeze_steps(f.text_steps, f.text_epochs, per_epoch, "freeze.text"),
+    })
+    engine, ds_cfg, schedule = build_engine(model, cfg.train, dist, freeze)
+    out = prepare_run_dir(cfg.run, cfg, dist, {"ds_config.json": ds_cfg})
+    monitor = Monitor(out, dist, resume=args.resume)
+    if dist.is_main:
+        shutil.copytree(tok_dir, out / "tokenizer", dirs_exist_ok=True)
+
+    collate = CaptionCollate(tokenizer, cfg.data.languages, mode=cfg.data.caption_mode, seed=cfg.train.seed + dist.rank,
+                             context_length=cfg.model.text.context_length)
+
+    def loader(epoch: int):
+        dataset.set_epoch(epoch)
+        collate.set_epoch(epoch)
+        return torch.utils.data.DataLoader(dataset, batch_size=cfg.train.micro_batch_size, drop_last=True,
+                                           num_workers=cfg.train.num_workers, collate_fn=collate)
+
+    start = resume_checkpoint(engine, out) if args.resume else 0
+    loss_fn = ClipLoss(dist.rank, dist.world_size, gather_with_grad=cfg.gather_with_grad)
+    net: CLIP = engine.module
+
+    def step_fn(batch):
+        img, txt, scale = engine(batch["images"], batch["tokens"], batch["text_mask"])
+        loss = loss_fn(img, txt, batch["text_mask"], scale)
+        return loss, {"temperature": 1.0 / scale.item(), "logit_scale": scale.item(),
+                      "count/skipped_samples": float(batch["n_skipped"]),
+                      "count/dropped_captions": float(batch["n_dropped"])}
+
+    hooks = []
+    if val_rows is not None and cfg.val_every > 0:
+        val_tf = eval_transform(cfg.model.vision.img_size, cfg.augment.mean, cfg.augment.std)
+        contrastive_batch = cfg.train.micro_batch_size * dist.world_size
+        langs = cfg.data.languages
+        # uniform logits: image->text ln(B C) (C positives among B C captions), text->image ln B
+        chance = 0.5 * (math.log(contrastive_batch * len(langs)) + math.log(contrastive_batch))
+
+        def validate(step: int):
+            if not dist.is_main:
+                return None
+            res = evaluate_heldout(net, tokenizer, val_rows, langs, dist.device, transform=val_tf,
+                                   loss_batch_size=contrastive_batch)
+            return {f"val/{k}": v for k, v in res.items()}
+
+        def plot(step: int):
+            monitor.plot("loss.png", ["train/loss", "val/loss"], "CLIP loss", "symmetric InfoNCE",
+                         chance=chance, labels={"train/loss": "train", "val/loss": "held-out"})
+            keys = [f"val/{lang}/{d}_R@1" for lang in langs for d in ("image_to_text", "text_to_image")]
+            monitor.plot("val_recall.png", keys, "held-out recall@1 per language", "R@1",
+                         chance=1.0 / len(val_rows), labels={k: k[4:] for k in keys})
+
+        hooks += [(cfg.val_every, validate), (cfg.val_every, plot)]
+    batches = infinite_batches(loader, start_epoch=epochs_done(start, n_train, cfg.train, dist))
+    train_loop(engine, batches, step_fn, cfg.train, cfg.run, dist, monitor, schedule, freeze,
+               start_step=start, hooks=hooks)
+    save_checkpoint(engine, out, cfg.train.steps, cfg.run.keep_last, dist)
+    if dist.is_main:
+        save_clip(net, out / "clip_ckpt.pt")
+        if not hooks:
+            monitor.plot("loss.png", ["train/loss"], "CLIP training loss", "symmetric InfoNCE",
+                         labels={"train/loss": "train"})
+        last = {k: v for r in monitor.history() for k, v in r.items() if k.startswith("val/")}
+        monitor.close()
+        print(f"CLIP done: {cfg.train.steps} steps (image tower frozen for {freeze.windows.get('visual.', 0)}, "
+              f"text for {freeze.windows.get('text.', 0)})")
+        if last:
+            print("held-out: " + ", ".join(f"{k[4:]}={v:.4f}" for k, v in sorted(last.items())))
+        print(f"outputs: {out}/  (clip_ckpt.pt, tokenizer/, loss.png, metrics.jsonl, tb/, checkpoints/)")
+    barrier(dist)
+    return out

@@ -1,0 +1,144 @@
+"""Stage 1: MAE pretraining of the ViT encoder under DeepSpeed  ->  ``<out_dir>/mae_ckpt.pt``.
+
+Run through the script ``launch/mae.py`` (``deepspeed launch/mae.py [--config F] [key=value ...]``).
+With no arguments it trains ViT-B/32 (KELIP's image tower) on the bundled emoji images for a
+short demo run. Real runs point ``data.source`` at their own WebDataset shards or image folder.
+Recipe as He et al. 2022: AdamW (0.9, 0.95), wd 0.05, lr = 1.5e-4 x batch / 256, warmup + cosine.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from launch.config import PROJECT_ROOT, RunConfig, TrainConfig, dump_config, parse_run_args, resolve_path
+from launch.dist import accelerator_type, barrier, init_distributed, set_seed
+from launch.loop import epochs_done, infinite_batches, prepare_run_dir, resume_checkpoint, save_checkpoint, train_loop
+from launch.monitor import Monitor
+from launch.optim import build_engine, check_machine, model_dtype
+from mae.checkpoint import atomic_write_bytes
+from mae.data import CLIP_MEAN, CLIP_STD, build_image_dataset, eval_transform, mae_transform, resolve_source
+from mae.model import MAEConfig, MaskedAutoencoder, save_encoder_checkpoint
+
+
+@dataclass(frozen=True)
+class MAEDataConfig:
+    """Images for stage 1: an image folder, a JSONL manifest, or WebDataset shards."""
+
+    source: str = "data/emoji/captions.jsonl"
+    scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+
+@dataclass(frozen=True)
+class MAERunConfig:
+    """The whole stage-1 run: model, data, optimisation, outputs."""
+
+    model: MAEConfig = field(default_factory=MAEConfig)
+    data: MAEDataConfig = field(default_factory=MAEDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        base_lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=10))
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/mae"))
+    vis_every: int = 50  # reconstruction grid + loss curve every N steps (and at the end)
+    vis_images: int = 8
+
+
+def fixed_images(source: str, n: int, img_size: int, mean, std) -> Optional[torch.Tensor]:
+    """The first ``n`` decodable images of the source, center-cropped: the same every time."""
+    out = []
+    for img, _ in build_image_dataset(source, eval_transform(img_size, mean, std), shuffle=False):
+        out.append(img)
+        if len(out) == n:
+            break
+    return torch.stack(out) if out else None
+
+
+def save_recon_grid(model: MaskedAutoencoder, imgs: torch.Tensor, mean, std, step: int, path: Path) -> None:
+    """PNG: one row per image, columns original | masked input | reconstruction (visible patches pasted)."""
+    from matplotlib.figure import Figure
+
+    was_training = model.training
+    model.eval()
+    masked, recon = model.reconstruct(imgs)
+    model.train(was_training)
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    cols = [t.float().cpu() * s + m for t in (imgs, masked, recon)]  # 3 x (B, C, H, W), un-normalised
+    B = imgs.shape[0]
+    fig = Figure(figsize=(3 * 1.6, B * 1.6 + 0.5))
+    axes = fig.subplots(B, 3, squeeze=False)
+    for c, title in enumerate(("original", f"masked ({model.cfg.mask_ratio:.0%})", "reconstruction")):
+        axes[0, c].set_title(title, fontsize=9)
+        for b in range(B):
+            axes[b, c].imshow(cols[c][b].clamp(0, 1).permute(1, 2, 0).numpy())
+            axes[b, c].axis("off")
+    fig.suptitle(f"MAE reconstructions at step {step}", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def main(argv: list[str]) -> Path:
+    args, cfg = parse_run_args(argv, MAERunConfig, __doc__.split("\n")[0],
+                               str(PROJECT_ROOT / "configs" / "mae.yaml"))
+    source = resolve_path(cfg.data.source)
+    resolve_source(source)  # a missing or empty source is one clear error before any process work
+    check_machine(cfg.train, accelerator_type())
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return Path(cfg.run.out_dir)
+    dist = init_distributed()
+
+    set_seed(cfg.train.seed)  # same initial weights on every rank
+    model = MaskedAutoencoder(cfg.model)
+    set_seed(cfg.train.seed + dist.rank)  # different augmentation streams per rank
+    engine, ds_cfg, schedule = build_engine(model, cfg.train, dist)
+    out = prepare_run_dir(cfg.run, cfg, dist, {"ds_config.json": ds_cfg})
+    monitor = Monitor(out, dist, resume=args.resume)
+
+    enc = cfg.model.encoder
+    dataset = build_image_dataset(
+        source, mae_transform(enc.img_size, cfg.data.mean, cfg.data.std, scale=cfg.data.scale),
+        rank=dist.rank, world_size=dist.world_size, seed=cfg.train.seed,
+    )
+
+    def loader(epoch: int):
+        dataset.set_epoch(epoch)
+        return torch.utils.data.DataLoader(dataset, batch_size=cfg.train.micro_batch_size,
+                                           num_workers=cfg.train.num_workers, drop_last=True)
+
+    start = resume_checkpoint(engine, out) if args.resume else 0
+
+    def step_fn(batch):
+        imgs, n_skipped = batch
+        loss, _, _ = engine(imgs)
+        return loss, {"count/skipped_images": float(n_skipped.sum())}
+
+    vis = fixed_images(source, cfg.vis_images, enc.img_size, cfg.data.mean, cfg.data.std) if dist.is_main else None
+
+    def visualise(step: int):
+        if dist.is_main:
+            if vis is not None:
+                save_recon_grid(engine.module, vis.to(dist.device, dtype=model_dtype(cfg.train)), cfg.data.mean,
+                                cfg.data.std, step, out / "recon" / f"step_{step:07d}.png")
+            monitor.plot("loss.png", ["train/loss"], "MAE training loss", "norm-pix MSE on masked patches",
+                         chance=1.0 if cfg.model.norm_pix_loss else None,
+                         chance_label="predicting each patch's mean", labels={"train/loss": "train"})
+
+    batches = infinite_batches(loader, start_epoch=epochs_done(start, dataset.num_samples(), cfg.train, dist))
+    train_loop(engine, batches, step_fn, cfg.train, cfg.run, dist, monitor, schedule,
+               start_step=start, hooks=[(cfg.vis_every, visualise)])
+    save_checkpoint(engine, out, cfg.train.steps, cfg.run.keep_last, dist)
+    if dist.is_main:
+        save_encoder_checkpoint(engine.module, out / "mae_ckpt.pt")
+        hist = [r["train/loss"] for r in monitor.history() if "train/loss" in r]
+        monitor.close()
+        print(f"MAE done: {cfg.train.steps} steps, loss {hist[0]:.4f} -> {hist[-1]:.4f}" if hist else "MAE done")
+        print(f"outputs: {out}/  (mae_ckpt.pt, loss.png, recon/, metrics.jsonl, tb/, checkpoints/)")
+    barrier(dist)
+    return out

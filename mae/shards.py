@@ -1,0 +1,133 @@
+"""The shard format of both stages: WebDataset tars in img2dataset's layout, and ``stats.json``.
+
+A shard folder holds ``%06d.tar`` files; a sample is the members sharing a key: the image
+(``{key}.jpg|jpeg|png|webp``, the original bytes), optionally ``{key}.json`` (metadata; CLIP reads
+its captions there) and ``{key}.txt`` (one caption). ``stats.json`` beside the shards records how
+many samples each shard holds (``shards``, ``shard_samples``) and what the writer skipped; readers
+take the epoch size from it. MAE reads the images only; ``clip.data`` adds the caption members.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from mae.checkpoint import atomic_open, atomic_write_text
+
+STATS_FILE = "stats.json"
+SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+# ----------------------------------------------------------------------------- reading
+def expand_shards(source: str) -> list[str]:
+    """Shard paths for a brace pattern, a single ``.tar`` or a folder of ``.tar`` (sorted)."""
+    import braceexpand
+
+    if os.path.isdir(source):
+        shards = sorted(str(p) for p in Path(source).glob("*.tar"))
+    else:
+        shards = list(braceexpand.braceexpand(source))
+    if not shards:
+        raise ValueError(f"no .tar shards in {source}")
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if missing:
+        raise FileNotFoundError(f"shard not found: {missing[0]} ({len(missing)} of {len(shards)} missing)")
+    return shards
+
+
+def iter_shard_samples(url: str) -> Iterator[dict]:
+    """Samples of one tar shard as ``{"key", "image", "json", "txt"}`` (bytes, or None if absent)."""
+    from webdataset import tariterators
+
+    for s in tariterators.tarfile_samples([{"url": url}]):
+        image = next((s[e] for e in SHARD_IMAGE_EXTS if e in s), None)
+        yield {"key": s["__key__"], "image": image, "json": s.get("json"), "txt": s.get("txt")}
+
+
+def shard_sample_count(urls: list[str]) -> int | None:
+    """Samples in ``urls`` according to the ``stats.json`` in their folders (None if one is unknown)."""
+    total, cache = 0, {}
+    for url in urls:
+        folder, name = os.path.split(url)
+        if folder not in cache:
+            try:
+                stats = json.loads(Path(folder or ".", STATS_FILE).read_text())
+                cache[folder] = dict(zip(stats["shards"], stats["shard_samples"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+        if name not in cache[folder]:
+            return None
+        total += cache[folder][name]
+    return total
+
+
+# ----------------------------------------------------------------------------- writing
+def prepare_shard_folder(folder: Path, overwrite: bool = False) -> None:
+    """Create ``folder``; existing ``.tar`` shards there are an error unless ``overwrite`` (then removed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    old = list(folder.glob("*.tar"))
+    if old and not overwrite:
+        raise ValueError(f"{folder} already holds .tar shards (use --overwrite)")
+    for p in old:
+        p.unlink()
+
+
+def write_shard_folder(records: Iterable[dict], folder: Path, shard_size: int,
+                       members: Callable[[dict], dict | None] | None = None, stats: dict | None = None) -> dict:
+    """Write the images of ``records`` (dicts with ``"path"``) as ``folder/%06d.tar`` shards.
+
+    Tar keys are ``%09d`` running numbers. ``members(record)`` may add members to a sample (e.g.
+    ``{"json": bytes, "txt": bytes}``) or return None to skip the record (the caller counts why).
+    Undecodable images are skipped and counted (``skipped_corrupt``). Each shard is written
+    atomically. ``stats`` (updated with ``samples``, ``skipped_corrupt``, ``shards``,
+    ``shard_samples``, and whatever ``members`` counted in it) is written to ``folder/stats.json``
+    and returned.
+    """
+    from webdataset import TarWriter
+
+    from mae.data import load_rgb  # the reader's decoder decides what counts as corrupt
+
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    stats = stats if stats is not None else {}
+    stats.update(samples=0, skipped_corrupt=0)
+    names, counts = [], []
+    opened = writer = None
+
+    def close():
+        if writer is not None:
+            writer.close()
+            opened.__exit__(None, None, None)  # fsync + rename into place
+            counts.append(count)
+
+    count = 0
+    try:
+        for r in records:
+            extra = members(r) if members is not None else {}
+            if extra is None:
+                continue
+            data = Path(r["path"]).read_bytes()
+            try:
+                load_rgb(data)
+            except Exception:  # PIL raises many types for bad data
+                stats["skipped_corrupt"] += 1
+                continue
+            if writer is None or count == shard_size:
+                close()
+                names.append(f"{len(names):06d}.tar")
+                opened = atomic_open(folder / names[-1], "wb")
+                writer, count = TarWriter(opened.__enter__(), encoder=False, mtime=0), 0
+            ext = Path(r["path"]).suffix.lower().lstrip(".")
+            writer.write({"__key__": f"{stats['samples']:09d}", ext: data, **extra})
+            count += 1
+            stats["samples"] += 1
+    except BaseException:
+        if writer is not None:
+            opened.__exit__(*sys.exc_info())  # the unfinished shard's temporary file is removed
+        raise
+    close()
+    stats.update(shards=names, shard_samples=counts)
+    atomic_write_text(folder / STATS_FILE, json.dumps(stats, indent=1, ensure_ascii=False))
+    return stats
