@@ -14,9 +14,8 @@ For crop v, with N = world_size * B images and the valid captions of all ranks a
 
 With V = C = 1 this is exactly (CE(L, arange) + CE(L^T, arange)) / 2.
 
-Distributed: features are gathered with gradient (our ``_AllGatherWithGrad``, an all_gather
-whose backward sums all ranks' gradients; torch.distributed.nn.functional.all_gather is
-deprecated and gave wrong feature gradients on gloo in our 2-process test). Each rank computes
+Distributed: features are gathered with gradient (``_AllGatherWithGrad``, an all_gather whose
+backward sums every rank's gradient for its slice, on NCCL and on gloo). Each rank computes
 the rows of ITS images / captions against all columns and normalises by the GLOBAL counts
 times ``world_size``. So the per-rank value is world_size x its
 share, the mean of the per-rank values is the 1-process loss, and after DeepSpeed/DDP average

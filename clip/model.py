@@ -46,7 +46,7 @@ class CLIPConfig:
 
     def __post_init__(self):
         if self.vision_pool not in get_args(Pool):
-            raise ValueError(f"CLIPConfig.vision_pool must be one of {get_args(Pool)}, got {self.vision_pool!r}")
+            raise ValueError(f"vision_pool must be one of {get_args(Pool)}, got {self.vision_pool!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPConfig":

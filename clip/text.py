@@ -7,8 +7,8 @@ feature of the FIRST ``cfg.eot_id`` token of each row. KELIP's code pools at ``a
 which is only right when EOT has the largest id; we look the token up explicitly.
 
 Because attention is causal and we pool at EOT, the tokens after the last EOT of a batch can
-never influence the output: ``forward`` cuts the batch to that length before the blocks (often a
-2-4x saving on real captions, and exactly the same result).
+never influence the output: ``forward`` cuts the batch to that length before the blocks (exactly the
+same result, for less work on short captions).
 
 Initialisation is GPT-2's: normal(0, 0.02) for linear and token-embedding weights, normal(0,
 0.01) for the position embedding (as CLIP and GPT-2 do), zero biases, and the residual output

@@ -23,12 +23,12 @@ from clip.evaluate import evaluate_heldout
 from clip.loss import ClipLoss
 from clip.model import CLIP, CLIPConfig, load_visual_state, save_clip
 from clip.text import text_config_for
-from launch.config import (PROJECT_ROOT, ConfigError, RunConfig, TrainConfig, dump_config, parse_run_args,
-                           resolve_path)
-from launch.dist import accelerator_type, barrier, init_distributed, set_seed
+from launch.cli import parse_run_args, start_run
+from launch.config import PROJECT_ROOT, ConfigError, RunConfig, TrainConfig, resolve_path
+from launch.dist import barrier, set_seed
 from launch.loop import epochs_done, infinite_batches, prepare_run_dir, resume_checkpoint, save_checkpoint, train_loop
 from launch.monitor import Monitor
-from launch.optim import FreezeSchedule, build_engine, check_machine, freeze_steps, global_batch
+from launch.optim import FreezeSchedule, build_engine, freeze_steps, global_batch
 from mae.data import eval_transform, iter_manifest
 from mae.model import load_encoder_checkpoint
 from tokenizer import BilingualTokenizer
@@ -128,11 +128,9 @@ def main(argv: list[str]) -> Path:
                                                    "(and sets model.vision)"),))
     cfg, tokenizer, tok_dir, init_state = resolve(cfg, args.init)
     train_src, val_rows = split_sources(cfg.data)
-    check_machine(cfg.train, accelerator_type())
-    if args.print_config:
-        print(dump_config(cfg), end="")
+    dist = start_run(cfg, cfg.train, args.print_config)
+    if dist is None:
         return Path(cfg.run.out_dir)
-    dist = init_distributed()
 
     set_seed(cfg.train.seed)  # same initial weights on every rank
     model = CLIP(cfg.model)

@@ -14,11 +14,12 @@ from typing import Optional
 
 import torch
 
-from launch.config import PROJECT_ROOT, RunConfig, TrainConfig, dump_config, parse_run_args, resolve_path
-from launch.dist import accelerator_type, barrier, init_distributed, set_seed
+from launch.cli import parse_run_args, start_run
+from launch.config import PROJECT_ROOT, RunConfig, TrainConfig, resolve_path
+from launch.dist import barrier, set_seed
 from launch.loop import epochs_done, infinite_batches, prepare_run_dir, resume_checkpoint, save_checkpoint, train_loop
 from launch.monitor import Monitor
-from launch.optim import build_engine, check_machine, model_dtype
+from launch.optim import build_engine, model_dtype
 from mae.checkpoint import atomic_write_bytes
 from mae.data import CLIP_MEAN, CLIP_STD, build_image_dataset, eval_transform, mae_transform, resolve_source
 from mae.model import MAEConfig, MaskedAutoencoder, save_encoder_checkpoint
@@ -88,11 +89,9 @@ def main(argv: list[str]) -> Path:
                                str(PROJECT_ROOT / "configs" / "mae.yaml"))
     source = resolve_path(cfg.data.source)
     resolve_source(source)  # a missing or empty source is one clear error before any process work
-    check_machine(cfg.train, accelerator_type())
-    if args.print_config:
-        print(dump_config(cfg), end="")
+    dist = start_run(cfg, cfg.train, args.print_config)
+    if dist is None:
         return Path(cfg.run.out_dir)
-    dist = init_distributed()
 
     set_seed(cfg.train.seed)  # same initial weights on every rank
     model = MaskedAutoencoder(cfg.model)

@@ -97,3 +97,47 @@ def test_resolve_path_falls_back_to_project_root(tmp_path, monkeypatch):
 
 def test_run_config_defaults():
     assert RunConfig().log_every > 0 and TrainConfig().precision == "fp32"
+
+
+def test_choices_and_ranges_fail_at_load_naming_file_and_key(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("train:\n  precision: fp17\n")
+    with pytest.raises(ConfigError, match=r"'train.precision' must be one of fp32, bf16, fp16, got 'fp17' \(.*run.yaml\)"):
+        load_config(Schema, str(p))
+    with pytest.raises(ConfigError, match=r"^train\.steps must be >= 1, got 0 \(command line\)$"):
+        load_config(Schema, None, ["train.steps=0"])
+    with pytest.raises(ConfigError, match="'train.zero_stage' must be one of 0, 1, 2, got '2'"):
+        load_config(Schema, None, ["train.zero_stage='2'"])  # a string is not the integer 2
+
+
+def _stage(args, **kw):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, str(root / "launch" / "mae.py"), *args], capture_output=True, text=True,
+                          timeout=120, **kw)
+
+
+def test_stage_help_lists_every_key_and_print_config_resolves(tmp_path):
+    from launch.config import describe
+    from launch.train_mae import MAERunConfig
+
+    r = _stage(["--help", "train.steps=7"])
+    assert r.returncode == 0, r.stderr
+    listed = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines() if line.startswith("  ") and "." in line.split()[0]}
+    keys = [k for k, _, _ in describe(MAERunConfig())]
+    assert len(keys) > 40 and set(k for k in keys if "." in k) <= set(listed)
+    assert listed["train.precision"] == ["fp32|bf16|fp16", "fp32"] and listed["train.steps"] == ["int", "7"]
+    assert listed["data.scale"] == ["[float,", "float]", "[0.2,", "1.0]"]
+
+    r = _stage(["--print-config", "train.steps=7", f"run.out_dir={tmp_path / 'x'}"])
+    assert r.returncode == 0, r.stderr
+    printed = yaml.safe_load(r.stdout)
+    assert printed["train"]["steps"] == 7 and printed["model"]["encoder"]["embed_dim"] == 768
+    assert not (tmp_path / "x").exists()  # nothing started, nothing written
+
+    r = _stage(["train.precision=fp17"])
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: 'train.precision' must be one of fp32, bf16, fp16, got 'fp17' (command line)"]

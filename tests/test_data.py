@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 
-from clip.data import CaptionCollate, build_pair_dataset, main as data_main, split_rows, write_shards
+from clip.data import CaptionCollate, build_pair_dataset, split_rows
+from clip.shards import main as data_main, write_shards
 from mae.data import build_image_dataset, iter_manifest, load_rgb, mae_transform
 
 
@@ -295,14 +296,14 @@ def test_write_shards_image_folder_and_errors(image_folder, rows, tmp_path, caps
     ]
     for args, msg in cases:
         out = str(tmp_path / "mae") if "--images" in args else str(tmp_path / "x")
-        assert data_main(["write-shards", *args, "--out", out]) == 2
+        assert data_main([*args, "--out", out]) == 2
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_write_shards_cli_with_split(manifest, rows, tmp_path, repo_root):
     proc = subprocess.run(
-        [sys.executable, "-m", "clip.data", "write-shards", "--manifest", str(manifest),
+        [sys.executable, "-m", "clip.shards", "--manifest", str(manifest),
          "--out", str(tmp_path),
          "--shard-size", "500", "--val-fraction", "0.15", "--split-key", "base"],
         capture_output=True, text=True, cwd=repo_root, timeout=120)

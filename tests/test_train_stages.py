@@ -124,10 +124,10 @@ def test_mae_pictures(stages):
     cfg = yaml.safe_load((stages["mae"] / "config.yaml").read_text())
     grids = sorted((stages["mae"] / "recon").glob("step_*.png"))
     assert [g.name for g in grids][-1] == f"step_{cfg['train']['steps']:07d}.png", grids
-    size, n = cfg["model"]["encoder"]["img_size"], cfg["vis_images"]
-    for g in grids:  # original | masked | reconstruction, padding 2 around every tile
-        assert _png_size(g) == (3 * (size + 2) + 2, n * (size + 2) + 2), g
-    assert _png_size(stages["mae"] / "loss.png") == (600, 400)
+    n = cfg["vis_images"]
+    for g in grids:  # titled columns original | masked | reconstruction, a 1.6-inch row per image at 80 dpi
+        assert _png_size(g) == (round(3 * 1.6 * 80), round((n * 1.6 + 0.5) * 80)), g
+    assert _png_size(stages["mae"] / "loss.png") == (640, 480)
 
 
 # ----------------------------------------------------------------------------- CLIP
