@@ -77,10 +77,10 @@ def parse_run_args(argv: list[str], schema: type[T], description: str, default_c
 
 
 def start_run(cfg: Any, train: TrainConfig, print_config: bool) -> Optional[Dist]:
-    """Once the config is final (every file checked): refuse a precision this machine cannot run,
-    then either print the config (``--print-config``; returns None) or join the process group."""
-    check_machine(train, accelerator_type())
+    """Once the config is final (every file checked): print it (``--print-config``; returns None),
+    or refuse a precision this machine cannot run and join the process group."""
     if print_config:
         print(dump_config(cfg), end="")
         return None
+    check_machine(train, accelerator_type())
     return init_distributed()

@@ -10,7 +10,9 @@ AdamW (0.9, 0.98, eps 1e-6), wd 0.2 (not on biases, norms, embeddings, temperatu
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -116,7 +118,9 @@ def resolve(cfg: CLIPRunConfig, init: Optional[str]):
             raise ConfigError(f"--init: {e}") from None
         if vision != model.vision:
             changed = [k for k in vision.__dataclass_fields__ if getattr(vision, k) != getattr(model.vision, k)]
-            print(f"note: model.vision taken from {init} ({', '.join(changed)} differ from the config)")
+            if os.environ.get("RANK", "0") == "0":
+                print(f"note: model.vision taken from {init} ({', '.join(changed)} differ from the config)",
+                      file=sys.stderr)
         model = replace(model, vision=vision)
     return replace(cfg, model=model), tokenizer, tok_dir, state
 
