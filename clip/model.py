@@ -38,10 +38,14 @@ class CLIPConfig:
     init_logit_scale: float = 1 / 0.07
     max_logit_scale: float = 100.0
     patch_dropout: float = 0.0
-    # Image embedding: mean of the patch outputs ("avg", as MAE fine-tunes its encoder) or the cls
-    # output ("token", as OpenAI CLIP). MAE never trains its cls token for anything, so after a
-    # short MAE run the cls output is almost the same for every image (cosine 0.9999 across the
-    # emoji after the 60-step ViT-B/32 demo) and a frozen MAE tower gives CLIP nothing to align.
+    # Image embedding: "avg" = the final LayerNorm on every token, then the mean of the patch
+    # outputs (timm's global_pool="avg" with fc_norm=False: MAE fine-tuning instead takes the mean
+    # and then a new LayerNorm, fc_norm; we keep the pretrained `norm` so the state dict stays
+    # timm's ViT-B/32); "token" = the cls output, as OpenAI CLIP. In MAE the cls slot enters every
+    # image as the same vector and the reconstruction loss never asks it to describe the image
+    # (it reaches the loss only through the decoder's attention to it), so MAE training shapes it
+    # into a large image-independent vector that the patches attend to, not a summary of the
+    # image; the patch outputs carry the content, so a frozen MAE tower is pooled over them.
     vision_pool: Pool = "avg"
 
     def __post_init__(self):
