@@ -32,7 +32,7 @@ from typing import Literal, get_args
 import torch
 from torch.utils.data import get_worker_info
 
-from mae.data import ShardedImageSource
+from mae.data import ShardedImageSource, batch_position
 
 
 # ----------------------------------------------------------------------------- captions
@@ -77,7 +77,8 @@ def _decode_text(data: bytes) -> str:
 
 # ----------------------------------------------------------------------------- dataset
 class PairDataset(ShardedImageSource):
-    """Yields ``{"image", "captions": {lang: [str]}, "key", "n_skipped", "n_dropped"}``."""
+    """Yields ``{"image", "captions": {lang: [str]}, "key", "n_dropped"}`` plus the stream's
+    bookkeeping (``n_skipped``, ``n_broken_shards``, ``worker``, ``pos``: :class:`mae.data.ShardedImageSource`)."""
 
     def __init__(self, source, transform, languages: Sequence[str] = ("en", "ko"), **kw):
         super().__init__(source, **kw)
@@ -118,10 +119,6 @@ class PairDataset(ShardedImageSource):
         if img is None:
             return None
         return {"image": self.transform(img), "captions": caps, "key": key, "n_dropped": dropped}
-
-    def attach(self, item, n_skipped):
-        item["n_skipped"] = n_skipped
-        return item
 
 
 def build_pair_dataset(source, transform, languages: Sequence[str] = ("en", "ko"), rank: int = 0,
@@ -167,12 +164,13 @@ class CaptionCollate:
     image without that language gets ``text_mask`` False and a ``[SOT, EOT, PAD...]`` row.
     ``mode="sample"``: C = 1, a random available language, then a random caption in it
     (KELIP-style mixed batches); ``languages`` is then ``["mixed"]``.
-    Draws come from a generator seeded by (seed, epoch, worker id, call counter), so a loader
-    is reproducible; call ``set_epoch`` before each epoch for fresh draws.
+    Draws come from a generator seeded by (seed, epoch, and where the batch ends in the stream:
+    worker and position), so they do not depend on earlier batches and a resumed run draws the
+    same; call ``set_epoch`` before each epoch for fresh draws.
 
     Returns ``{"images": [V x (B,3,H,W)], "tokens": (B,C,T) long, "text_mask": (B,C) bool,
     "languages": [C str], "slot_languages": B x C lists ("" where masked), "keys": [B str],
-    "n_skipped": int, "n_dropped": int}``.
+    "n_dropped": int}`` plus :func:`mae.data.batch_position`'s fields.
     """
 
     def __init__(self, tokenizer, languages: Sequence[str] = ("en", "ko"), mode: CaptionMode = "all", seed: int = 0,
@@ -186,13 +184,15 @@ class CaptionCollate:
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self._calls = epoch, 0
 
-    def _rng(self) -> random.Random:
-        info = get_worker_info()
+    def _rng(self, last: dict) -> random.Random:
+        if last.get("pos") is not None:
+            return random.Random(f"{self.seed}:{self.epoch}:{last.get('worker')}:{last['pos']}")
+        info = get_worker_info()  # samples from elsewhere: a per-call stream
         self._calls += 1
-        return random.Random(f"{self.seed}:{self.epoch}:{info.id if info else -1}:{self._calls}")
+        return random.Random(f"{self.seed}:{self.epoch}:{info.id if info else -1}:call{self._calls}")
 
     def __call__(self, samples: list[dict]) -> dict:
-        rng = self._rng()
+        rng = self._rng(samples[-1])
         B = len(samples)
         texts, slots = [], []  # slots: (B, C) language per slot, "" = masked
         for s in samples:
@@ -222,6 +222,6 @@ class CaptionCollate:
             "languages": list(self.languages) if self.mode == "all" else ["mixed"],
             "slot_languages": slots,
             "keys": [s["key"] for s in samples],
-            "n_skipped": sum(int(s.get("n_skipped", 0)) for s in samples),
             "n_dropped": sum(int(s.get("n_dropped", 0)) for s in samples),
+            **batch_position(samples),
         }

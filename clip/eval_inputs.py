@@ -31,14 +31,14 @@ def load_model_and_tokenizer(checkpoint: str, tokenizer_dir: str | None = None, 
     path = Path(checkpoint)
     ckpt = _existing(path / "clip_ckpt.pt" if path.is_dir() else path, "CLIP checkpoint")
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else ckpt.parent / "tokenizer"
-    if not (tok_dir / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"tokenizer not found: {tok_dir} (pass --tokenizer DIR)")
-    tokenizer = BilingualTokenizer.from_dir(str(tok_dir))
-    model = load_clip(str(ckpt)).to(device).eval()
-    vocab = getattr(getattr(getattr(model, "cfg", None), "text", None), "vocab_size", None)
-    if vocab is not None and tokenizer.vocab_size > vocab:
-        raise ValueError(f"tokenizer {tok_dir} has {tokenizer.vocab_size} tokens, "
-                         f"the model's text tower {vocab}")
+    try:
+        tokenizer = BilingualTokenizer.from_dir(str(tok_dir))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (pass --tokenizer DIR)") from None
+    model = load_clip(str(ckpt), tokenizer=tokenizer.fingerprint).to(device).eval()
+    if tokenizer.vocab_size != model.cfg.text.vocab_size or tokenizer.eot_id != model.cfg.text.eot_id:
+        raise ValueError(f"tokenizer {tok_dir} ({tokenizer.vocab_size} tokens, eot id {tokenizer.eot_id}) is not "
+                         f"the model's ({model.cfg.text.vocab_size} tokens, eot id {model.cfg.text.eot_id})")
     return model, tokenizer
 
 

@@ -155,24 +155,25 @@ class CLIP(nn.Module):
 def load_mae_encoder(model: CLIP, path) -> None:
     """Load the MAE stage's ``mae_ckpt.pt`` into ``model.visual``; see :func:`load_visual_state`."""
     saved_cfg, state = load_encoder_checkpoint(path)
-    load_visual_state(model, saved_cfg, state, os.fspath(path))
+    load_visual_state(model.visual, saved_cfg, state, os.fspath(path))
 
 
-def load_visual_state(model: CLIP, saved_cfg: ViTConfig, state: dict[str, torch.Tensor], where: str) -> None:
-    """Load an encoder state dict into ``model.visual`` after checking everything.
+def load_visual_state(visual: VisionTransformer, saved_cfg: ViTConfig, state: dict[str, torch.Tensor],
+                      where: str) -> None:
+    """Load an encoder state dict into ``visual`` (a CLIP image tower) after checking everything.
 
     Decoder and mask-token entries, if present, are dropped. Every other key must exist in
-    ``model.visual`` with the same shape, every visual key must be in ``state``, and ``saved_cfg``
-    must equal the model's ``ViTConfig``; otherwise ONE ValueError (naming ``where``) lists every
-    difference.
+    ``visual`` with the same shape, every visual key must be in ``state``, and ``saved_cfg`` must
+    equal the tower's ``ViTConfig``; otherwise ONE ValueError (one line naming ``where``) lists
+    every difference. A tower on the ``meta`` device checks without loading.
     """
     problems = []
-    want_cfg, got_cfg = asdict(model.visual.cfg), asdict(saved_cfg)
+    want_cfg, got_cfg = asdict(visual.cfg), asdict(saved_cfg)
     for k in sorted(want_cfg):
         if got_cfg[k] != want_cfg[k]:
             problems.append(f"config.{k}: file {got_cfg[k]!r}, model {want_cfg[k]!r}")
     state = {k: v for k, v in state.items() if not (k.startswith("decoder") or k == "mask_token")}
-    expected = model.visual.state_dict()
+    expected = visual.state_dict()
     for k in sorted(set(expected) - set(state)):
         problems.append(f"missing key {k} (model shape {tuple(expected[k].shape)})")
     unexpected = sorted(set(state) - set(expected))
@@ -188,19 +189,27 @@ def load_visual_state(model: CLIP, saved_cfg: ViTConfig, state: dict[str, torch.
             hint = (" (keys carry an 'encoder.' prefix: export encoder_state_dict(), "
                     "not the whole MAE model)")
         raise ValueError(f"{where}: MAE encoder does not match the CLIP image tower{hint}; "
-                         f"{len(problems)} difference(s):\n  " + "\n  ".join(problems))
-    model.visual.load_state_dict(state, strict=True)
+                         f"{len(problems)} difference(s): " + "; ".join(problems))
+    if next(iter(expected.values())).device.type != "meta":
+        visual.load_state_dict(state, strict=True)
 
 
-def save_clip(model: CLIP, path) -> None:
-    """Write ``clip_ckpt.pt`` (atomically): the ``CLIPConfig`` and the weights, weights-only loadable."""
-    save_checkpoint(path, CLIP_FORMAT, asdict(model.cfg), model.state_dict())
+def save_clip(model: CLIP, path, tokenizer: str | None = None) -> None:
+    """Write ``clip_ckpt.pt`` (atomically): the ``CLIPConfig``, the weights (weights-only loadable)
+    and the fingerprint of the tokenizer it was trained with (``BilingualTokenizer.fingerprint``)."""
+    save_checkpoint(path, CLIP_FORMAT, asdict(model.cfg), model.state_dict(),
+                    extra={"tokenizer": tokenizer} if tokenizer else None)
 
 
-def load_clip(path, device="cpu") -> CLIP:
-    """Rebuild a :class:`CLIP` from ``clip_ckpt.pt`` (weights_only load); returned in eval mode."""
+def load_clip(path, device="cpu", tokenizer: str | None = None) -> CLIP:
+    """Rebuild a :class:`CLIP` from ``clip_ckpt.pt`` (weights_only load); returned in eval mode.
+    With ``tokenizer`` (a fingerprint), a checkpoint trained with another tokenizer is a ValueError."""
     path = os.fspath(path)
     ckpt = load_checkpoint(path, CLIP_FORMAT)
+    trained = ckpt.get("tokenizer")
+    if tokenizer and trained and trained != tokenizer:
+        raise ValueError(f"{path} was trained with tokenizer {trained}, not this one ({tokenizer}): use the "
+                         "tokenizer/ folder of its run")
     model = CLIP(CLIPConfig.from_dict(ckpt["config"]))
     try:
         model.load_state_dict(ckpt["model"], strict=True)

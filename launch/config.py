@@ -63,6 +63,16 @@ class TrainConfig:
         for name in ("steps", "micro_batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("base_lr", "eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be > 0 (or null for base_lr x batch / 256), got {self.lr}")
+        for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {list(self.betas)}")
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,31 @@ class RunConfig:
     def __post_init__(self):
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        for name in ("ckpt_every", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """When training stops as diverged (checked at every log, before that step's checkpoint, so the
+    last checkpoint is from before; a non-finite loss stops at once). 0 turns a check off.
+
+    ``loss_spike``: the interval's mean loss exceeds this many times the median of the previous
+    ``window`` logged losses (from the second log on). ``chance_logs``: (CLIP) the loss stays within
+    0.2 % of the chance level (where equal logits put it) for this many logs in a row after warmup and the freeze windows.
+    ``max_temperature``: (CLIP) the learned temperature 1 / logit_scale rises above this.
+    """
+
+    loss_spike: float = 10.0
+    window: int = 10
+    chance_logs: int = 5
+    max_temperature: float = 1.0
+
+    def __post_init__(self):
+        for name in ("loss_spike", "window", "chance_logs", "max_temperature"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 def resolve_path(path: str) -> str:

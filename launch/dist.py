@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
 from dataclasses import dataclass
 
@@ -75,6 +76,13 @@ def shutdown_distributed() -> None:
     exception") after a run that finished correctly."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def fault_point(where: str, step: int) -> None:
+    """Fault injection for the tests: ``ENKO_FAULT=where:step`` (e.g. ``step:5``, ``save:4``) kills
+    this process with SIGKILL at that point, as a preemption would."""
+    if os.environ.get("ENKO_FAULT") == f"{where}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def set_seed(seed: int) -> None:

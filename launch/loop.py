@@ -1,9 +1,12 @@
-"""The training loop shared by both stages, its run folder and its DeepSpeed checkpoints.
+"""The training loop shared by both stages, with what makes it resumable exactly.
 
-A stage hands :func:`train_loop` its engine, an endless batch iterator and a ``step_fn(batch) ->
-(loss, metrics)`` for one micro-batch; the loop owns everything else: backward and step per
-micro-batch (DeepSpeed applies the optimizer at accumulation boundaries), the freeze schedule,
-the non-finite stop, rank-averaged logging, checkpoints and periodic hooks.
+A stage builds a :class:`Trainer` from its engine, a :class:`launch.stream.BatchStream` and a
+``step_fn(batch) -> (loss, metrics)`` for one micro-batch; the trainer owns everything else:
+backward and step per micro-batch (DeepSpeed applies the optimizer at accumulation boundaries),
+the freeze schedule, the non-finite stop and the divergence guard, rank-averaged logging,
+checkpoints and periodic hooks. A checkpoint holds, per rank, the data position, every random
+state and the logging counters, so a resumed run ends with the same weights as one never
+stopped (same seed, ranks and workers).
 """
 from __future__ import annotations
 
@@ -11,29 +14,81 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
 
+from launch import checkpoints
 from launch.config import ConfigError, RunConfig, TrainConfig, save_config
-from launch.dist import Dist, all_ranks_true, all_reduce, barrier, shutdown_distributed
+from launch.dist import Dist, all_ranks_true, all_reduce, barrier, fault_point, shutdown_distributed
+from launch.guard import Diverged, Guard
 from launch.monitor import Monitor
 from launch.optim import FreezeSchedule, LRSchedule, global_batch, model_dtype
+from launch.stream import BatchStream
 from mae.checkpoint import atomic_write_text
 
 # A hook runs on every rank after steps divisible by its period (and after the last step), with the
-# random states restored after it; what it returns on rank 0 is logged. The loop waits for every
+# random states restored after it; what it returns on rank 0 is logged. The trainer waits for every
 # rank after the hooks of a step.
 Hook = tuple[int, Callable[[int], Optional[dict]]]
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+def check_run_dir(out_dir: str, resume: bool) -> Path:
+    """Refuse, before any process work, an output folder that cannot be written, one that holds a
+    run when ``--resume`` is not given (a restart must never overwrite a run), and ``--resume``
+    into a folder without checkpoints."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / f".write_test.{os.getpid()}", "w") as f:
+            f.write("ok")
+        os.unlink(out / f".write_test.{os.getpid()}")
+    except OSError as e:
+        raise ConfigError(f"run.out_dir={out_dir}: cannot write there ({e.strerror or e})") from None
+    existing = checkpoints.describe_run(out)
+    if not resume and existing:
+        raise ConfigError(f"run.out_dir={out_dir} already holds a run ({existing}); continue it with --resume, "
+                          "or choose another run.out_dir")
+    if resume and not checkpoints.tags_by_step(out / "checkpoints"):
+        raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    return out
+
+
+def check_source(source, key: str):
+    """The data source resolved (``mae.data.resolve_source``), or one line naming ``key``: missing,
+    empty, a bad manifest line, or (for files) none of its first images on disk."""
+    from mae.data import resolve_source
+
+    try:
+        kind, items = resolve_source(source)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"{key}: {e}") from None
+    if kind == "records" and items:
+        head = items[:1000]
+        if not any(os.path.isfile(r["path"]) for r in head):
+            raise ConfigError(f"{key}: none of the first {len(head)} images exists (e.g. {head[0]['path']})")
+    return kind, items
+
+
+def fingerprint(cfg: Any) -> str:
+    """First 16 hex digits of the sha256 of a config (as sorted JSON)."""
+    import hashlib
+
+    from launch.config import to_dict
+
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def summary_line(totals: dict[str, float]) -> str:
+    """The run's data counts for the console: skipped samples, broken shards, partial batches."""
+    names = {"skipped_samples": "samples skipped (missing, undecodable or without a caption)",
+             "broken_shards": "broken shards", "samples_in_partial_batches": "samples in partial batches (not trained on)",
+             "dropped_captions": "captions dropped (empty or invalid)"}
+    return "data: " + ", ".join(f"{int(totals.get(k, 0))} {v}" for k, v in names.items() if k in totals or k != "dropped_captions")
 
 
 def prepare_run_dir(run: RunConfig, cfg: Any, dist: Dist, extra: Optional[dict] = None) -> Path:
@@ -60,148 +115,188 @@ def to_device(x: Any, device: torch.device, dtype: torch.dtype) -> Any:
     return x
 
 
-def infinite_batches(make_loader: Callable[[int], Iterable], start_epoch: int = 0) -> Iterator:
-    """Endless batches, epoch after epoch: ``make_loader(epoch)`` builds each epoch's loader."""
-    epoch = start_epoch
-    while True:
-        n = 0
-        for batch in make_loader(epoch):
-            n += 1
-            yield batch
-        if n == 0:
-            raise ConfigError("the data source yielded no batch for this rank (too few samples for the batch size?)")
-        epoch += 1
+def rng_state() -> dict:
+    """Every random state of this process (python, numpy, torch CPU and accelerator), as tensors
+    and plain values that ``torch.load(weights_only=True)`` reads back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []}
 
 
-def epochs_done(step: int, num_samples: Optional[int], train: TrainConfig, dist: Dist) -> int:
-    """Whole epochs consumed by ``step`` optimizer steps (0 if the source size is unknown): a resumed
-    run starts its data at the next epoch's shuffle instead of replaying the first batches."""
-    if not num_samples or step == 0:
-        return 0
-    return step * global_batch(train, dist.world_size) // num_samples
-
-
-def save_checkpoint(engine, out_dir: Path, step: int, keep_last: int, dist: Dist) -> None:
-    """DeepSpeed checkpoint (for ``--resume``) under ``checkpoints/step_XXXXXXX``; DeepSpeed writes
-    the ``latest`` pointer only after every rank has written its files, so a crash mid-save leaves the
-    previous checkpoint current. Older tags beyond ``keep_last`` are deleted."""
-    ckpt = Path(out_dir) / "checkpoints"
-    engine.save_checkpoint(str(ckpt), tag=f"step_{step:07d}", client_state={"step": step})
-    barrier(dist)
-    if dist.is_main and keep_last > 0:
-        tags = sorted(p for p in ckpt.glob("step_*") if p.is_dir())
-        for old in tags[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def resume_checkpoint(engine, out_dir: Path) -> int:
-    """Load the latest DeepSpeed checkpoint of the run; returns the step to continue from."""
-    ckpt = Path(out_dir) / "checkpoints"
-    if not (ckpt / "latest").is_file():
-        raise ConfigError(f"--resume: no checkpoint in {ckpt} (no 'latest' file)")
-    path, client = engine.load_checkpoint(str(ckpt))
-    if path is None:
-        raise ConfigError(f"--resume: DeepSpeed could not load the checkpoint in {ckpt}")
-    # The optimizer state brings back the lr of the saved step under the old schedule (0 at the end
-    # of a finished cosine); recompute it from this run's schedule, which may have more steps.
-    sched = engine.lr_scheduler
-    sched.last_epoch -= 1
-    sched.step()
-    return int(client.get("step", 0))
-
-
-def train_loop(
-    engine,
-    batches: Iterator,
-    step_fn: Callable[[Any], tuple[torch.Tensor, dict[str, float]]],
-    train: TrainConfig,
-    run: RunConfig,
-    dist: Dist,
-    monitor: Monitor,
-    schedule: LRSchedule,
-    freeze: Optional[FreezeSchedule] = None,
-    start_step: int = 0,
-    hooks: Iterable[Hook] = (),
-) -> None:
-    """Run optimizer steps ``start_step .. train.steps - 1``.
-
-    ``step_fn(batch)`` runs the forward of one micro-batch (already on the device in the model
-    dtype) and returns ``(loss, metrics)``. Metrics named ``count/...`` (skipped samples, ...) are
-    summed over ranks into running ``train/..._total``; the rest are averaged over ranks and over
-    the log interval. Every ``run.log_every`` steps: a row of ``metrics.jsonl`` and the progress bar.
-    Stops with :class:`NonFiniteLoss` when the loss is not finite on any rank.
-    """
-    from tqdm import tqdm
-
-    hooks = [(n, h) for n, h in hooks if n > 0]
-    dtype = model_dtype(train)
-    bar = tqdm(total=train.steps, initial=start_step, disable=not dist.is_main, dynamic_ncols=True,
-               unit="step", file=sys.stderr, mininterval=1.0)
-    acc: dict[str, float] = {}
-    counts: dict[str, float] = {}
-    totals: dict[str, float] = {}
-    n_acc, t_last = 0, time.perf_counter()
-    for step in range(start_step, train.steps):
-        if freeze is not None:
-            freeze.apply(step)
-        for _ in range(train.grad_accum):
-            loss, metrics = step_fn(to_device(next(batches), dist.device, dtype))
-            engine.backward(loss)
-            engine.step()
-            if not all_ranks_true(bool(torch.isfinite(loss.detach().float()).all()), dist):
-                bar.close()
-                raise NonFiniteLoss(f"non-finite loss at step {step} (loss={loss.item()}); stopping")
-            for k, v in {"loss": loss.item(), **metrics}.items():
-                bucket = counts if k.startswith("count/") else acc
-                bucket[k] = bucket.get(k, 0.0) + float(v)
-            n_acc += 1
-        done = step + 1
-        bar.update(1)
-        if done % run.log_every == 0 or done == train.steps:
-            now = time.perf_counter()
-            avg = all_reduce({k: v / n_acc for k, v in acc.items()}, dist, "mean")
-            for k, v in all_reduce(counts, dist, "sum").items():
-                totals[k] = totals.get(k, 0.0) + v
-            logs = {f"train/{k}": v for k, v in avg.items()}
-            logs.update({f"train/{k.split('/', 1)[1]}_total": v for k, v in sorted(totals.items())})
-            logs["train/lr"] = schedule.lr(step)
-            logs["train/samples_per_s"] = n_acc * train.micro_batch_size * dist.world_size / max(now - t_last, 1e-9)
-            monitor.log(done, logs)
-            bar.set_postfix(loss=f"{avg['loss']:.4f}", sps=f"{logs['train/samples_per_s']:.1f}")
-            acc, counts, n_acc, t_last = {}, {}, 0, now
-        if run.ckpt_every and done % run.ckpt_every == 0 and done < train.steps:
-            save_checkpoint(engine, monitor.out_dir, done, run.keep_last, dist)
-        due = [h for n, h in hooks if done % n == 0 or done == train.steps]
-        for hook in due:
-            with preserved_rng():  # evaluating or plotting must not change what training draws next
-                out = hook(done)
-            if out:
-                monitor.log(done, out)
-        if due:
-            barrier(dist)
-    bar.close()
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @contextlib.contextmanager
 def preserved_rng():
-    """Restore the python, numpy and torch (CPU and current accelerator) random states on exit."""
-    py, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_initialized() else []):
+    """Restore every random state of this process on exit."""
+    state = rng_state()
+    try:
         yield
-    random.setstate(py)
-    np.random.set_state(np_state)
+    finally:
+        set_rng_state(state)
+
+
+class NonFiniteLoss(Diverged):
+    pass
+
+
+class Trainer:
+    """Optimizer steps ``start .. train.steps - 1`` of one stage (see the module docstring).
+
+    Args:
+        engine: the DeepSpeed engine.
+        stream: the batches (their position is saved in checkpoints).
+        step_fn: ``batch -> (loss, metrics)`` for one micro-batch already on the device in the
+            model dtype. Metrics named ``count/...`` (skipped samples, ...) are summed over ranks
+            into running ``train/..._total``; the rest are averaged over ranks and the log interval.
+        schedule, freeze: the lr schedule (for logging) and the freeze schedule (applied per step).
+        guard: the divergence guard, checked at every log.
+        identity: name -> (fingerprint, hint): what a resume must match (model config, tokenizer).
+    """
+
+    def __init__(self, engine, stream: BatchStream, step_fn: Callable[[Any], tuple[torch.Tensor, dict]],
+                 train: TrainConfig, run: RunConfig, dist: Dist, monitor: Monitor, schedule: LRSchedule,
+                 freeze: Optional[FreezeSchedule] = None, guard: Optional[Guard] = None,
+                 identity: Optional[dict] = None):
+        self.engine, self.stream, self.step_fn = engine, stream, step_fn
+        self.train, self.run, self.dist, self.monitor = train, run, dist, monitor
+        self.schedule, self.freeze, self.guard = schedule, freeze, guard
+        self.identity = identity or {}
+        self.out_dir = monitor.out_dir
+        self.step = 0
+        self.acc: dict[str, float] = {}
+        self.counts: dict[str, float] = {}
+        self.totals: dict[str, float] = {}
+        self.n_acc = 0
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """This rank's part of a checkpoint beyond DeepSpeed's."""
+        t, d = self.train, self.dist
+        return {"step": self.step, "world_size": d.world_size, "global_batch": global_batch(t, d.world_size),
+                "batch": {"train.micro_batch_size": t.micro_batch_size, "train.grad_accum": t.grad_accum},
+                "identity": {k: v[0] for k, v in self.identity.items()},
+                "stream": self.stream.state_dict(), "rng": rng_state(),
+                "loop": {"acc": dict(self.acc), "counts": dict(self.counts), "totals": dict(self.totals),
+                         "n_acc": self.n_acc},
+                "guard": self.guard.state_dict() if self.guard else None}
+
+    def save(self) -> None:
+        checkpoints.save(self.engine, self.out_dir, self.step, self.run.keep_last, self.dist, self.state_dict())
+
+    def resume(self) -> int:
+        """Continue from the newest usable checkpoint of the run folder; returns its step."""
+        step, state, _ = checkpoints.load(self.engine, self.out_dir, self.dist, self.identity)
+        self.step = step
+        self.stream.load_state_dict(state["stream"])
+        loop = state["loop"]
+        self.acc, self.counts, self.totals, self.n_acc = loop["acc"], loop["counts"], loop["totals"], loop["n_acc"]
+        if self.guard and state["guard"]:
+            self.guard.load_state_dict(state["guard"])
+        set_rng_state(state["rng"])
+        self.monitor.truncate(step)
+        return step
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def fit(self, hooks: Iterable[Hook] = ()) -> None:
+        from tqdm import tqdm
+
+        train, dist = self.train, self.dist
+        hooks = [(n, h) for n, h in hooks if n > 0]
+        dtype = model_dtype(train)
+        bar = tqdm(total=train.steps, initial=self.step, disable=not dist.is_main, unit="step", file=sys.stderr,
+                   mininterval=1.0, dynamic_ncols=True)
+        t_last = time.perf_counter()
+        try:
+            self._fit(hooks, bar, dtype, t_last)
+        finally:
+            bar.close()  # before any error line
+
+    def _fit(self, hooks, bar, dtype, t_last) -> None:
+        train, dist = self.train, self.dist
+        while self.step < train.steps:
+            if self.freeze is not None:
+                self.freeze.apply(self.step)
+            for _ in range(train.grad_accum):
+                loss, metrics = self.step_fn(to_device(next(self.stream), dist.device, dtype))
+                self.engine.backward(loss)
+                self.engine.step()
+                if not all_ranks_true(bool(torch.isfinite(loss.detach().float()).all()), dist):
+                    raise NonFiniteLoss(f"non-finite loss at step {self.step} (loss={loss.item()}); stopping")
+                for k, v in {"loss": loss.item(), **metrics}.items():
+                    bucket = self.counts if k.startswith("count/") else self.acc
+                    bucket[k] = bucket.get(k, 0.0) + float(v)
+                self.n_acc += 1
+            self.step += 1
+            fault_point("step", self.step)
+            bar.update(1)
+            if self.step % self.run.log_every == 0 or self.step == train.steps:
+                now = time.perf_counter()
+                logs = self._log_row(now - t_last)
+                bar.set_postfix(loss=f"{logs['train/loss']:.4f}", sps=f"{logs['train/samples_per_s']:.1f}")
+                t_last = now
+                if self.guard is not None:
+                    self.guard.check(self.step, logs)  # before this step's checkpoint: the last one stays good
+            if self.run.ckpt_every and self.step % self.run.ckpt_every == 0 and self.step < train.steps:
+                self.save()
+            due = [h for n, h in hooks if self.step % n == 0 or self.step == train.steps]
+            for hook in due:
+                with preserved_rng():  # evaluating or plotting must not change what training draws next
+                    out = hook(self.step)
+                if out:
+                    self.monitor.log(self.step, out)
+            if due:
+                barrier(dist)
+
+    def _log_row(self, seconds: float) -> dict:
+        d = self.stream.dropped  # cumulative, per rank: what partial batches skipped and held
+        dropped = all_reduce({"count/skipped_samples": d["n_skipped"], "count/broken_shards": d["n_broken_shards"],
+                              "count/samples_in_partial_batches": d["samples"]}, self.dist, "sum")
+        avg = all_reduce({k: v / self.n_acc for k, v in self.acc.items()}, self.dist, "mean")
+        for k, v in all_reduce(self.counts, self.dist, "sum").items():
+            self.totals[k] = self.totals.get(k, 0.0) + v
+        logs = {f"train/{k}": v for k, v in avg.items()}
+        running = {k: self.totals.get(k, 0.0) + dropped.get(k, 0.0) for k in {*self.totals, *dropped}}
+        logs.update({f"train/{k.split('/', 1)[1]}_total": v for k, v in sorted(running.items())})
+        if self.train.precision == "fp16":
+            logs["train/fp16_skipped_steps_total"] = float(getattr(self.engine, "skipped_steps", 0))
+        logs["train/lr"] = self.schedule.lr(self.step - 1)
+        logs["train/samples_per_s"] = self.n_acc * self.train.micro_batch_size * self.dist.world_size / max(seconds, 1e-9)
+        self.monitor.log(self.step, logs)
+        self.acc, self.counts, self.n_acc = {}, {}, 0
+        return logs
+
+    def skip_totals(self) -> dict[str, float]:
+        """Every ``*_total`` count of the last logged row (for the end-of-run summary)."""
+        rows = self.monitor.history()
+        last = next((r for r in reversed(rows) if "train/loss" in r), {})
+        return {k[len("train/"):-len("_total")]: v for k, v in last.items() if k.endswith("_total")}
 
 
 def run_main(main: Callable[[list[str]], Any], argv: Optional[list[str]] = None) -> None:
-    """Call an entry point and then leave the process group; configuration and input errors are
-    one line on stderr and exit 2."""
+    """Call an entry point and then leave the process group. Configuration and input errors are one
+    line on stderr and exit 2; a diverged run is one line and exit 3 (its last checkpoint intact)."""
     try:
         main(sys.argv[1:] if argv is None else argv)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()  # no rank leaves while another still works or communicates
-    except (ConfigError, FileNotFoundError, NonFiniteLoss) as e:
+    except (ConfigError, FileNotFoundError) as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Diverged as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
     finally:
         shutdown_distributed()

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 from launch.dist import Dist
-from mae.checkpoint import atomic_write_bytes
+from mae.checkpoint import atomic_write_bytes, atomic_write_text
 
 
 class Monitor:
@@ -24,30 +25,60 @@ class Monitor:
         self.active = dist.is_main
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / "metrics.jsonl"
-        self.tb = None
-        if self.active:
-            if not resume and self.path.exists():
-                self.path.unlink()
+        self.tb, self._tb_failed = None, False
+        if self.active and not resume and self.path.exists():
+            self.path.unlink()  # a fresh run (the trainer refuses a folder that holds one)
+
+    def _writer(self, purge_step: Optional[int] = None):
+        if self.tb is None and self.active and not self._tb_failed:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.out_dir / "tb"))
+                self.tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=purge_step)
             except Exception as e:  # tensorboard is a dependency, but a broken install must not stop training
                 print(f"warning: TensorBoard disabled ({e})", file=sys.stderr)
+                self._tb_failed = True
+        return self.tb
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Append a row; one ``write`` of a whole line with O_APPEND, then fsync, so a crash leaves
+        whole rows (and :meth:`history` skips a torn one should a file system tear it anyway)."""
         if not self.active:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.tb is not None:
+        line = (json.dumps({"step": step, **metrics}) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tb = self._writer()
+        if tb is not None:
             for k, v in metrics.items():
-                self.tb.add_scalar(k, v, step)
+                tb.add_scalar(k, v, step)
 
     def history(self) -> list[dict]:
+        """The rows of ``metrics.jsonl``; lines that are not a whole JSON row (a torn write) are skipped."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+        return rows
+
+    def truncate(self, step: int) -> None:
+        """On resume from ``step``: keep the rows up to it (atomically rewritten, torn lines dropped)
+        and have TensorBoard purge its events after it."""
+        if not self.active:
+            return
+        rows = [r for r in self.history() if r["step"] <= step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+        self._writer(purge_step=step + 1)
 
     def plot(self, name: str, keys: list[str], title: str, ylabel: str,
              chance: Optional[float] = None, labels: Optional[dict[str, str]] = None,

@@ -26,13 +26,16 @@ from clip.loss import ClipLoss
 from clip.model import CLIP, CLIPConfig, load_visual_state, save_clip
 from clip.text import text_config_for
 from launch.cli import parse_run_args, start_run
-from launch.config import PROJECT_ROOT, ConfigError, RunConfig, TrainConfig, resolve_path
+from launch.config import PROJECT_ROOT, ConfigError, GuardConfig, RunConfig, TrainConfig, resolve_path
 from launch.dist import barrier, set_seed
-from launch.loop import epochs_done, infinite_batches, prepare_run_dir, resume_checkpoint, save_checkpoint, train_loop
+from launch.guard import Guard
+from launch.loop import Trainer, check_run_dir, check_source, fingerprint, prepare_run_dir, summary_line
 from launch.monitor import Monitor
 from launch.optim import FreezeSchedule, build_engine, freeze_steps, global_batch
+from launch.stream import BatchStream
 from mae.data import eval_transform, iter_manifest
 from mae.model import load_encoder_checkpoint
+from mae.vit import VisionTransformer
 from tokenizer import BilingualTokenizer
 
 
@@ -78,6 +81,7 @@ class CLIPRunConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2, warmup_steps=10))
     run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/clip"))
+    guard: GuardConfig = field(default_factory=GuardConfig)
     val_every: int = 50  # validation loss + R@k per language every N steps (and at the end); 0 = off
     gather_with_grad: bool = True
 
@@ -91,12 +95,18 @@ def load_tokenizer(folder: Path, key: str = "data.tokenizer") -> BilingualTokeni
 
 
 def split_sources(data: CLIPDataConfig):
-    """(train source, val rows or None): a held-out split of a manifest, or the configured sources."""
+    """(train source, val rows or None): a held-out split of a manifest, or the configured sources;
+    every problem with them is one line naming the key."""
     source = resolve_path(data.source)
+    check_source(source, "data.source")
     if data.val_source:
-        return source, list(iter_manifest(resolve_path(data.val_source)))
+        _, rows = check_source(resolve_path(data.val_source), "data.val_source")
+        return source, [r["row"] for r in rows if "row" in r]
     if source.endswith(".jsonl") and data.val_fraction > 0:
-        train, val = split_rows(list(iter_manifest(source)), data.val_fraction, data.split_key, data.split_seed)
+        try:
+            train, val = split_rows(list(iter_manifest(source)), data.val_fraction, data.split_key, data.split_seed)
+        except ValueError as e:
+            raise ConfigError(f"data.split_key: {e}") from None
         if not train or not val:
             raise ConfigError(f"data.val_fraction={data.val_fraction} leaves an empty split of {source}")
         return train, val
@@ -122,6 +132,12 @@ def resolve(cfg: CLIPRunConfig, init: Optional[str]):
                 print(f"note: model.vision taken from {init} ({', '.join(changed)} differ from the config)",
                       file=sys.stderr)
         model = replace(model, vision=vision)
+        with torch.device("meta"):  # check every key and shape now, before any process work
+            tower = VisionTransformer(vision, global_pool=model.vision_pool)
+        try:
+            load_visual_state(tower, vision, state, init)
+        except ValueError as e:
+            raise ConfigError(f"--init: {e}") from None
     return replace(cfg, model=model), tokenizer, tok_dir, state
 
 
@@ -132,6 +148,8 @@ def main(argv: list[str]) -> Path:
                                                    "(and sets model.vision)"),))
     cfg, tokenizer, tok_dir, init_state = resolve(cfg, args.init)
     train_src, val_rows = split_sources(cfg.data)
+    if not args.print_config:
+        check_run_dir(cfg.run.out_dir, args.resume)
     dist = start_run(cfg, cfg.train, args.print_config)
     if dist is None:
         return Path(cfg.run.out_dir)
@@ -139,8 +157,8 @@ def main(argv: list[str]) -> Path:
     set_seed(cfg.train.seed)  # same initial weights on every rank
     model = CLIP(cfg.model)
     if init_state is not None:
-        load_visual_state(model, cfg.model.vision, init_state, args.init)
-    set_seed(cfg.train.seed + dist.rank)  # different augmentation streams per rank
+        load_visual_state(model.visual, cfg.model.vision, init_state, args.init)
+    set_seed(cfg.train.seed + dist.rank)  # different patch-dropout streams per rank
 
     dataset = build_pair_dataset(train_src, MultiCrop(cfg.augment), languages=cfg.data.languages,
                                  rank=dist.rank, world_size=dist.world_size, seed=cfg.train.seed)
@@ -154,36 +172,45 @@ def main(argv: list[str]) -> Path:
     engine, ds_cfg, schedule = build_engine(model, cfg.train, dist, freeze)
     out = prepare_run_dir(cfg.run, cfg, dist, {"ds_config.json": ds_cfg})
     monitor = Monitor(out, dist, resume=args.resume)
-    if dist.is_main:
-        shutil.copytree(tok_dir, out / "tokenizer", dirs_exist_ok=True)
+    if dist.is_main and not (out / "tokenizer").exists():
+        shutil.copytree(tok_dir, out / "tokenizer")
 
     collate = CaptionCollate(tokenizer, cfg.data.languages, mode=cfg.data.caption_mode, seed=cfg.train.seed + dist.rank,
                              context_length=cfg.model.text.context_length)
 
     def loader(epoch: int):
-        dataset.set_epoch(epoch)
         collate.set_epoch(epoch)
-        return torch.utils.data.DataLoader(dataset, batch_size=cfg.train.micro_batch_size, drop_last=True,
-                                           num_workers=cfg.train.num_workers, collate_fn=collate)
+        return torch.utils.data.DataLoader(dataset, batch_size=cfg.train.micro_batch_size, collate_fn=collate,
+                                           num_workers=cfg.train.num_workers, generator=torch.Generator())
 
-    start = resume_checkpoint(engine, out) if args.resume else 0
+    stream = BatchStream(dataset, loader, cfg.train.micro_batch_size, cfg.train.num_workers)
     loss_fn = ClipLoss(dist.rank, dist.world_size, gather_with_grad=cfg.gather_with_grad)
     net: CLIP = engine.module
 
     def step_fn(batch):
         img, txt, scale = engine(batch["images"], batch["tokens"], batch["text_mask"])
         loss = loss_fn(img, txt, batch["text_mask"], scale)
-        return loss, {"temperature": 1.0 / scale.item(), "logit_scale": scale.item(),
-                      "count/skipped_samples": float(batch["n_skipped"]),
-                      "count/dropped_captions": float(batch["n_dropped"])}
+        s = scale.item()
+        return loss, {"temperature": 1.0 / s if s > 0 else math.inf, "logit_scale": s,
+                      "count/skipped_samples": batch["n_skipped"], "count/broken_shards": batch["n_broken_shards"],
+                      "count/dropped_captions": batch["n_dropped"]}
+
+    langs = cfg.data.languages
+    contrastive_batch = cfg.train.micro_batch_size * dist.world_size
+    n_slots = len(langs) if cfg.data.caption_mode == "all" else 1
+    # uniform logits: image->text ln(B C) (C positives among B C captions), text->image ln B
+    chance = 0.5 * (math.log(contrastive_batch * n_slots) + math.log(contrastive_batch))
+    guard = Guard(cfg.guard, chance, settle_step=max(cfg.train.warmup_steps, *freeze.windows.values(), 0))
+    run_tok = out / "tokenizer"
+    identity = {"model config": (fingerprint(cfg.model), f"resume with its config: --config {out / 'config.yaml'}"),
+                "tokenizer": (tokenizer.fingerprint, f"resume with the run's own: data.tokenizer={run_tok}")}
+    trainer = Trainer(engine, stream, step_fn, cfg.train, cfg.run, dist, monitor, schedule, freeze, guard, identity)
+    if args.resume:
+        trainer.resume()
 
     hooks = []
     if val_rows is not None and cfg.val_every > 0:
         val_tf = eval_transform(cfg.model.vision.img_size, cfg.augment.mean, cfg.augment.std)
-        contrastive_batch = cfg.train.micro_batch_size * dist.world_size
-        langs = cfg.data.languages
-        # uniform logits: image->text ln(B C) (C positives among B C captions), text->image ln B
-        chance = 0.5 * (math.log(contrastive_batch * len(langs)) + math.log(contrastive_batch))
 
         def validate(step: int):
             if not dist.is_main:
@@ -200,21 +227,20 @@ def main(argv: list[str]) -> Path:
                          chance=1.0 / len(val_rows), labels={k: k[4:] for k in keys})
 
         hooks += [(cfg.val_every, validate), (cfg.val_every, plot)]
-    batches = infinite_batches(loader, start_epoch=epochs_done(start, n_train, cfg.train, dist))
-    train_loop(engine, batches, step_fn, cfg.train, cfg.run, dist, monitor, schedule, freeze,
-               start_step=start, hooks=hooks)
-    save_checkpoint(engine, out, cfg.train.steps, cfg.run.keep_last, dist)
+    trainer.fit(hooks)
+    trainer.save()
     if dist.is_main:
-        save_clip(net, out / "clip_ckpt.pt")
+        save_clip(net, out / "clip_ckpt.pt", tokenizer=tokenizer.fingerprint)
         if not hooks:
             monitor.plot("loss.png", ["train/loss"], "CLIP training loss", "symmetric InfoNCE",
-                         labels={"train/loss": "train"})
+                         chance=chance, labels={"train/loss": "train"})
         last = {k: v for r in monitor.history() for k, v in r.items() if k.startswith("val/")}
         monitor.close()
         print(f"CLIP done: {cfg.train.steps} steps (image tower frozen for {freeze.windows.get('visual.', 0)}, "
               f"text for {freeze.windows.get('text.', 0)})")
         if last:
             print("held-out: " + ", ".join(f"{k[4:]}={v:.4f}" for k, v in sorted(last.items())))
+        print(summary_line(trainer.skip_totals()))
         print(f"outputs: {out}/  (clip_ckpt.pt, tokenizer/, loss.png, metrics.jsonl, tb/, checkpoints/)")
     barrier(dist)
     return out

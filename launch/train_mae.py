@@ -15,13 +15,15 @@ from typing import Optional
 import torch
 
 from launch.cli import parse_run_args, start_run
-from launch.config import PROJECT_ROOT, RunConfig, TrainConfig, resolve_path
+from launch.config import PROJECT_ROOT, GuardConfig, RunConfig, TrainConfig, resolve_path
 from launch.dist import barrier, set_seed
-from launch.loop import epochs_done, infinite_batches, prepare_run_dir, resume_checkpoint, save_checkpoint, train_loop
+from launch.guard import Guard
+from launch.loop import Trainer, check_run_dir, check_source, fingerprint, prepare_run_dir, summary_line
 from launch.monitor import Monitor
 from launch.optim import build_engine, model_dtype
+from launch.stream import BatchStream
 from mae.checkpoint import atomic_write_bytes
-from mae.data import CLIP_MEAN, CLIP_STD, build_image_dataset, eval_transform, mae_transform, resolve_source
+from mae.data import CLIP_MEAN, CLIP_STD, build_image_dataset, collate_images, eval_transform, mae_transform
 from mae.model import MAEConfig, MaskedAutoencoder, save_encoder_checkpoint
 
 
@@ -44,6 +46,7 @@ class MAERunConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         base_lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=10))
     run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/mae"))
+    guard: GuardConfig = field(default_factory=GuardConfig)
     vis_every: int = 50  # reconstruction grid + loss curve every N steps (and at the end)
     vis_images: int = 8
 
@@ -51,8 +54,8 @@ class MAERunConfig:
 def fixed_images(source: str, n: int, img_size: int, mean, std) -> Optional[torch.Tensor]:
     """The first ``n`` decodable images of the source, center-cropped: the same every time."""
     out = []
-    for img, _ in build_image_dataset(source, eval_transform(img_size, mean, std), shuffle=False):
-        out.append(img)
+    for item in build_image_dataset(source, eval_transform(img_size, mean, std), shuffle=False):
+        out.append(item["image"])
         if len(out) == n:
             break
     return torch.stack(out) if out else None
@@ -88,14 +91,16 @@ def main(argv: list[str]) -> Path:
     args, cfg = parse_run_args(argv, MAERunConfig, __doc__.split("\n")[0],
                                str(PROJECT_ROOT / "configs" / "mae.yaml"))
     source = resolve_path(cfg.data.source)
-    resolve_source(source)  # a missing or empty source is one clear error before any process work
+    check_source(source, "data.source")
+    if not args.print_config:
+        check_run_dir(cfg.run.out_dir, args.resume)
     dist = start_run(cfg, cfg.train, args.print_config)
     if dist is None:
         return Path(cfg.run.out_dir)
 
     set_seed(cfg.train.seed)  # same initial weights on every rank
     model = MaskedAutoencoder(cfg.model)
-    set_seed(cfg.train.seed + dist.rank)  # different augmentation streams per rank
+    set_seed(cfg.train.seed + dist.rank)  # different masking streams per rank
     engine, ds_cfg, schedule = build_engine(model, cfg.train, dist)
     out = prepare_run_dir(cfg.run, cfg, dist, {"ds_config.json": ds_cfg})
     monitor = Monitor(out, dist, resume=args.resume)
@@ -105,19 +110,19 @@ def main(argv: list[str]) -> Path:
         source, mae_transform(enc.img_size, cfg.data.mean, cfg.data.std, scale=cfg.data.scale),
         rank=dist.rank, world_size=dist.world_size, seed=cfg.train.seed,
     )
-
-    def loader(epoch: int):
-        dataset.set_epoch(epoch)
-        return torch.utils.data.DataLoader(dataset, batch_size=cfg.train.micro_batch_size,
-                                           num_workers=cfg.train.num_workers, drop_last=True)
-
-    start = resume_checkpoint(engine, out) if args.resume else 0
+    stream = BatchStream(dataset, lambda epoch: torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.train.micro_batch_size, num_workers=cfg.train.num_workers,
+        collate_fn=collate_images, generator=torch.Generator()), cfg.train.micro_batch_size, cfg.train.num_workers)
 
     def step_fn(batch):
-        imgs, n_skipped = batch
-        loss, _, _ = engine(imgs)
-        return loss, {"count/skipped_images": float(n_skipped.sum())}
+        loss, _, _ = engine(batch["images"])
+        return loss, {"count/skipped_samples": batch["n_skipped"], "count/broken_shards": batch["n_broken_shards"]}
 
+    trainer = Trainer(engine, stream, step_fn, cfg.train, cfg.run, dist, monitor, schedule,
+                      guard=Guard(cfg.guard), identity={"model config": (fingerprint(cfg.model), "resume with its "
+                                                                         f"config: --config {out / 'config.yaml'}")})
+    if args.resume:
+        trainer.resume()
     vis = fixed_images(source, cfg.vis_images, enc.img_size, cfg.data.mean, cfg.data.std) if dist.is_main else None
 
     def visualise(step: int):
@@ -129,15 +134,14 @@ def main(argv: list[str]) -> Path:
                          chance=1.0 if cfg.model.norm_pix_loss else None,
                          chance_label="predicting each patch's mean", labels={"train/loss": "train"})
 
-    batches = infinite_batches(loader, start_epoch=epochs_done(start, dataset.num_samples(), cfg.train, dist))
-    train_loop(engine, batches, step_fn, cfg.train, cfg.run, dist, monitor, schedule,
-               start_step=start, hooks=[(cfg.vis_every, visualise)])
-    save_checkpoint(engine, out, cfg.train.steps, cfg.run.keep_last, dist)
+    trainer.fit(hooks=[(cfg.vis_every, visualise)])
+    trainer.save()
     if dist.is_main:
         save_encoder_checkpoint(engine.module, out / "mae_ckpt.pt")
         hist = [r["train/loss"] for r in monitor.history() if "train/loss" in r]
         monitor.close()
         print(f"MAE done: {cfg.train.steps} steps, loss {hist[0]:.4f} -> {hist[-1]:.4f}" if hist else "MAE done")
+        print(summary_line(trainer.skip_totals()))
         print(f"outputs: {out}/  (mae_ckpt.pt, loss.png, recon/, metrics.jsonl, tb/, checkpoints/)")
     barrier(dist)
     return out

@@ -67,10 +67,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, fmt: str, config: Mapping[str, Any],
-                    state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Write ``{"format": fmt, "config": config, "model": state dict on the CPU}`` atomically."""
+                    state_dict: Mapping[str, torch.Tensor], extra: Mapping[str, Any] | None = None) -> None:
+    """Write ``{"format": fmt, "config": config, "model": state dict on the CPU, **extra}`` atomically."""
     payload = {"format": fmt, "config": dict(config),
-               "model": {k: v.detach().cpu() for k, v in state_dict.items()}}
+               "model": {k: v.detach().cpu() for k, v in state_dict.items()}, **(extra or {})}
     with atomic_open(path, "wb") as f:
         torch.save(payload, f)
 

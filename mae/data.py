@@ -25,22 +25,23 @@ the workers see it. All ranks must use the same ``num_workers``. Parts differ by
 (or one shard), so ranks may see slightly different sample counts: under DeepSpeed run a fixed
 number of steps per epoch (``num_samples() // global_batch``) instead of exhausting the loader.
 
-Bad data never crashes a worker: an undecodable, truncated, zero-byte or missing image (or a
-shard sample without an image, or an unreadable shard, counted as one) is skipped and counted.
-Each yield carries ``n_skipped``: the skips since this worker's previous yield; the worker's last
+Bad data never crashes a worker: an undecodable, truncated, zero-byte or missing image, or a
+shard sample without an image, is skipped and counted; a shard that breaks off counts the samples
+it lost (from its ``stats.json``; one when that is unknown) and itself as a broken shard. Each
+yield carries ``n_skipped``: the skips since this worker's previous yield; the worker's last
 sample also carries its trailing skips. So with ``drop_last=False`` the sum of ``n_skipped`` over
 an epoch is the exact skip count (only a part that decodes no image at all loses its count).
 Nothing is logged from workers; the trainer sums and logs.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image, ImageOps
@@ -173,11 +174,23 @@ def resolve_source(source: str | os.PathLike | list) -> tuple[str, list]:
 
 
 # ----------------------------------------------------------------------------- datasets
+def sample_seed(*parts) -> int:
+    """A 63-bit seed that is a pure function of ``parts`` (seed, epoch, part, position)."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & (2**63 - 1)
+
+
 class ShardedImageSource(IterableDataset):
     """Partitioned, reshuffled, skip-counting stream over a source (see the module docstring).
 
-    Subclasses implement ``load(record) -> item or None`` (None = skip) and
-    ``attach(item, n_skipped) -> yielded object``.
+    Every yielded item is a dict: what the subclass's ``load(record)`` returned (None = skip the
+    record) plus ``n_skipped`` (records skipped since the previous item), ``n_broken_shards``,
+    ``worker`` (the virtual worker id) and ``pos`` (records of this part consumed through this
+    item). ``load`` runs under a torch random state seeded by (seed, epoch, part, record index), so
+    a record's augmentation does not depend on what came before it. ``set_epoch(e, start, first)``
+    resumes mid-epoch: virtual worker ``v`` skips its first ``start[v]`` records without decoding
+    them, and DataLoader worker ``w`` plays virtual worker ``(w + first) % W``, so the batch order of
+    an interrupted epoch continues exactly.
     """
 
     def __init__(self, source, rank: int = 0, world_size: int = 1, seed: int = 0,
@@ -187,15 +200,16 @@ class ShardedImageSource(IterableDataset):
         self.kind, self.items = resolve_source(source)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
-        self.epoch = 0
+        self.set_epoch(0)
 
     def num_samples(self) -> int | None:
         """Samples per epoch over all ranks before skips; for shards read from the writer's
         ``stats.json`` beside them (:mod:`mae.shards`) (None when it is absent or does not list every shard)."""
         return len(self.items) if self.kind == "records" else shard_sample_count(self.items)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: dict[int, int] | None = None, first_worker: int = 0) -> None:
+        """Reshuffle for ``epoch``; ``start`` and ``first_worker`` resume inside it (class docstring)."""
+        self.epoch, self.start, self.first_worker = epoch, dict(start or {}), first_worker
 
     def _order(self) -> list:
         if not self.shuffle:
@@ -203,11 +217,16 @@ class ShardedImageSource(IterableDataset):
         g = torch.Generator().manual_seed(self.seed + self.epoch)  # identical on all ranks
         return [self.items[i] for i in torch.randperm(len(self.items), generator=g).tolist()]
 
-    def records(self) -> Iterator[dict]:
-        """This (rank, worker)'s raw records for the current epoch, before decoding."""
+    def _place(self) -> tuple[int, int]:
+        """(virtual worker id, number of workers) of the calling process."""
         info = get_worker_info()
         workers, wid = (info.num_workers, info.id) if info is not None else (1, 0)
-        parts, part = self.world_size * workers, self.rank * workers + wid
+        return (wid + self.first_worker) % workers, workers
+
+    def records(self) -> Iterator[dict]:
+        """This (rank, worker)'s raw records for the current epoch, before decoding."""
+        vid, workers = self._place()
+        parts, part = self.world_size * workers, self.rank * workers + vid
         order = self._order()
         if self.kind == "records":
             yield from order[part::parts]
@@ -233,16 +252,21 @@ class ShardedImageSource(IterableDataset):
 
     @staticmethod
     def _read_shards(urls: list[str]) -> Iterator[dict]:
+        """Samples of the shards in turn. A shard that cannot be read to its end yields one broken
+        record standing for the samples it lost: its ``stats.json`` count minus those read (or 1
+        when the count is unknown)."""
         for url in urls:
+            read = 0
             try:
-                yield from iter_shard_samples(url)
-            except Exception:  # unreadable/truncated tar: one counted skip, go on with the next shard
-                yield {"key": url, "image": None, "json": None, "txt": None}
+                for sample in iter_shard_samples(url):
+                    read += 1
+                    yield sample
+            except Exception:  # unreadable or truncated tar: count what it lost, go on with the next
+                known = shard_sample_count([url])
+                yield {"key": url, "image": None, "json": None, "txt": None, "broken_shard": True,
+                       "lost": max(1, known - read) if known is not None else 1}
 
-    def load(self, record: dict) -> Any | None:
-        raise NotImplementedError
-
-    def attach(self, item: Any, n_skipped: int) -> Any:
+    def load(self, record: dict) -> dict | None:
         raise NotImplementedError
 
     def decode(self, record: dict) -> Image.Image | None:
@@ -256,22 +280,33 @@ class ShardedImageSource(IterableDataset):
             return None
 
     def __iter__(self):
+        vid, workers = self._place()
+        part = self.rank * workers + vid
+        skip = self.start.get(vid, 0)
         # Hold one good item back so that trailing skips ride on the part's last yield.
-        pending, pending_skips, skipped = None, 0, 0
-        for record in self.records():
-            item = self.load(record)
+        pending, skipped, broken = None, 0, 0
+        for i, record in enumerate(self.records()):
+            if i < skip:
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(self.seed, self.epoch, part, i))
+                item = self.load(record)
             if item is None:
-                skipped += 1
+                skipped += record.get("lost", 1)
+                broken += bool(record.get("broken_shard"))
                 continue
             if pending is not None:
-                yield self.attach(pending, pending_skips)
-            pending, pending_skips, skipped = item, skipped, 0
+                yield pending
+            pending = {**item, "n_skipped": skipped, "n_broken_shards": broken, "worker": vid, "pos": i + 1}
+            skipped = broken = 0
         if pending is not None:
-            yield self.attach(pending, pending_skips + skipped)
+            pending["n_skipped"] += skipped
+            pending["n_broken_shards"] += broken
+            yield pending
 
 
 class ImageDataset(ShardedImageSource):
-    """Yields ``(transform(rgb_image), n_skipped)``."""
+    """Yields ``{"image": transform(rgb_image), "n_skipped", "n_broken_shards", "worker", "pos"}``."""
 
     def __init__(self, source, transform, **kw):
         super().__init__(source, **kw)
@@ -279,15 +314,25 @@ class ImageDataset(ShardedImageSource):
 
     def load(self, record):
         img = self.decode(record)
-        return None if img is None else self.transform(img)
+        return None if img is None else {"image": self.transform(img)}
 
-    def attach(self, item, n_skipped):
-        return item, n_skipped
+
+def collate_images(samples: list[dict]) -> dict:
+    """A batch of :class:`ImageDataset` items: ``{"images": (B, C, H, W), "n_skipped", "n_broken_shards",
+    "worker", "pos", "size"}``; the counts summed, ``worker``/``pos`` those of the last item."""
+    return {"images": torch.stack([s["image"] for s in samples]), **batch_position(samples)}
+
+
+def batch_position(samples: list[dict]) -> dict:
+    """The bookkeeping fields of a batch of stream items (skip counts and where the batch ended)."""
+    return {"n_skipped": sum(int(s.get("n_skipped", 0)) for s in samples),
+            "n_broken_shards": sum(int(s.get("n_broken_shards", 0)) for s in samples),
+            "worker": samples[-1].get("worker"), "pos": samples[-1].get("pos"), "size": len(samples)}
 
 
 def build_image_dataset(source, transform, rank: int = 0, world_size: int = 1, seed: int = 0,
                         shuffle: bool = True, shuffle_buffer: int = 256) -> ImageDataset:
-    """Stage-1 image stream yielding ``(image_tensor, n_skipped)``.
+    """Stage-1 image stream yielding ``{"image": tensor, "n_skipped", ...}`` (see :class:`ShardedImageSource`).
 
     Args:
         source: image folder, ``.jsonl`` manifest, list of :func:`iter_manifest` rows, or

@@ -103,7 +103,7 @@ def test_load_rgb_flattens_transparency_onto_white(data_dir):
 
 def test_sources_yield_all_samples_with_right_content(manifest, rows, subset, shard_dir, image_folder):
     folder = [fingerprint(load_rgb(r["path"])).item() for r in rows[:12]]
-    got = [t.item() for t, n in build_image_dataset(str(image_folder), fingerprint)]
+    got = [s['image'].item() for s in build_image_dataset(str(image_folder), fingerprint)]
     assert sorted(got) == sorted(folder)
 
     full = build_image_dataset(str(manifest), nothing)
@@ -113,14 +113,14 @@ def test_sources_yield_all_samples_with_right_content(manifest, rows, subset, sh
     shards = sorted(shard_dir.glob("*.tar"))
     assert len(shards) == 6
     for source in (str(shard_dir), str(shard_dir / "{000000..000005}.tar")):
-        got = [t.item() for t, n in build_image_dataset(source, fingerprint)]
+        got = [s['image'].item() for s in build_image_dataset(source, fingerprint)]
         assert sorted(got) == want
-    single = [t.item() for t, n in build_image_dataset(str(shards[-1]), fingerprint)]
+    single = [s['image'].item() for s in build_image_dataset(str(shards[-1]), fingerprint)]
     assert len(single) == 5
     assert build_image_dataset(str(shard_dir), nothing).num_samples() == 40  # from the writer's stats.json
     assert build_image_dataset(str(shard_dir / "{000000..000002}.tar"), nothing).num_samples() == 21
 
-    imgs = [t for t, n in build_image_dataset(str(image_folder), mae_transform(48))]
+    imgs = [s['image'] for s in build_image_dataset(str(image_folder), mae_transform(48))]
     assert len(imgs) == 12 and all(t.shape == (3, 48, 48) for t in imgs)
 
 
@@ -150,7 +150,7 @@ def test_folder_epoch_coverage_with_workers(image_folder, rows):
     want = sorted(fingerprint(load_rgb(r["path"])).item() for r in rows[:12])
     got = []
     for rank in range(2):
-        got += [t.item() for t, n in collect(build_image_dataset(str(image_folder), fingerprint, rank=rank,
+        got += [s['image'].item() for s in collect(build_image_dataset(str(image_folder), fingerprint, rank=rank,
                                                                  world_size=2), workers=2)]
     assert sorted(got) == want
 
@@ -194,7 +194,7 @@ def test_corrupt_images_are_skipped_and_counted(bad_folder):
             got += collect(build_image_dataset(str(bad_folder), mae_transform(32), rank=rank,
                                                world_size=world, seed=1), workers)
         assert len(got) == 6
-        assert sum(n for _, n in got) == 4
+        assert sum(s['n_skipped'] for s in got) == 4
 
 
 def test_bad_samples_in_manifest_and_shards_are_skipped(bad_folder, rows, tmp_path):
@@ -281,7 +281,7 @@ def test_write_shards_image_folder_and_errors(image_folder, rows, tmp_path, caps
     assert stats["all"]["samples"] == 12
     assert stats["all"]["shards"] == ["000000.tar", "000001.tar", "000002.tar"]
     assert not list((tmp_path / "mae").glob("*.tmp"))
-    got = [t.item() for t, n in build_image_dataset(str(tmp_path / "mae"), fingerprint)]
+    got = [s['image'].item() for s in build_image_dataset(str(tmp_path / "mae"), fingerprint)]
     assert sorted(got) == sorted(fingerprint(load_rgb(r["path"])).item() for r in rows[:12])
 
     bad = tmp_path / "bad.jsonl"

@@ -113,6 +113,14 @@ class BilingualTokenizer:
         (path / META_FILE).write_text(json.dumps(self.meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     @property
+    def fingerprint(self) -> str:
+        """First 16 hex digits of the sha256 of the whole pipeline (vocabulary, merges, normalisation,
+        special tokens): equal for the same tokenizer wherever it is stored, different for any other."""
+        import hashlib
+
+        return hashlib.sha256(self._tokenizer.to_str().encode("utf-8")).hexdigest()[:16]
+
+    @property
     def hf_tokenizer(self) -> Tokenizer:
         """The underlying ``tokenizers.Tokenizer`` (no padding or truncation configured)."""
         return self._tokenizer

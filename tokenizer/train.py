@@ -5,7 +5,8 @@ KELIP (Ko et al. 2022) trained one BPE with a 98K vocabulary (98,304 tokens) on 
 line-per-sentence files and writes ``tokenizer.json`` + ``tokenizer_meta.json``.
 
 Sampling. Each corpus file is one language stream. Per file: non-UTF-8 lines are skipped and
-counted, blank lines are skipped, at most ``max_lines_per_file`` lines are kept (a seeded uniform
+counted (a file where they are more than half of the non-blank lines is refused as not text),
+blank lines are skipped, at most ``max_lines_per_file`` lines are kept (a seeded uniform
 sample of the file), and these are shuffled. The first ``min(heldout_lines, n // 10)`` of them are
 held out: never trained on, they give the report's fertility figures. From what is left, the file
 with ratio r contributes ``floor(r * k)`` lines, with k as large as the scarcest file allows
@@ -54,6 +55,7 @@ KELIP_RATIOS = {"en": 2.0, "ko": 1.5}  # lines of English : lines of Korean
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the special tokens
 DEFAULT_OUT = "runs/tokenizer"
 DEFAULT_HELDOUT_LINES = 2000
+MAX_UNDECODABLE_SHARE = 0.5  # a corpus file with more non-UTF-8 lines than this is refused
 _LANGUAGE_NAMES = {"en": "en", "eng": "en", "english": "en", "ko": "ko", "kor": "ko", "korean": "ko", "kr": "ko"}
 _HANGUL = re.compile("[\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff]")
 
@@ -109,6 +111,9 @@ def _read_lines(path: str, max_lines: int | None, rng: random.Random) -> tuple[l
                     kept[j] = line
     if not kept:
         raise ValueError(f"corpus file has no usable lines ({bad} non-UTF-8, {blank} blank): {path}")
+    if bad > MAX_UNDECODABLE_SHARE * (bad + seen):
+        raise ValueError(f"corpus file is mostly not UTF-8 text ({bad} of {bad + seen} non-blank lines undecodable): "
+                         f"{path}")
     return kept, seen, bad, blank
 
 
