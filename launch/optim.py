@@ -169,10 +169,10 @@ def param_groups(model: nn.Module, weight_decay: float, freeze: Optional[FreezeS
 
 def adamw(groups: list[dict], **kw) -> torch.optim.AdamW:
     """torch's AdamW, fused (one kernel over all tensors) where this torch and device support it."""
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kw)
+    try:  # torch fills the group dicts it is given: each attempt gets its own copies
+        return torch.optim.AdamW([dict(g) for g in groups], fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):  # an older torch, or a device without the kernel
-        return torch.optim.AdamW(groups, **kw)
+        return torch.optim.AdamW([dict(g) for g in groups], **kw)
 
 
 def build_engine(model: nn.Module, train: TrainConfig, dist: Dist, freeze: Optional[FreezeSchedule] = None):
