@@ -88,7 +88,7 @@ def test_mae_loss_falls_below_predict_the_mean(stages):
     # norm-pix targets have zero mean and unit variance per patch, so predicting the mean scores ~1.0
     assert last < first - 0.1, f"MAE loss did not fall by 0.1: first {first:.4f}, last {last:.4f}"
     assert last < 0.9, f"MAE loss {last:.4f} not below the predict-the-mean baseline (~1.0) by 0.1"
-    totals = [r["train/skipped_images_total"] for r in _metrics(stages["mae"]) if "train/skipped_images_total" in r]
+    totals = [r["train/skipped_samples_total"] for r in _metrics(stages["mae"]) if "train/skipped_samples_total" in r]
     assert totals and totals[-1] == 0, f"skipped-image counts missing or non-zero on clean data: {totals}"
 
 

@@ -11,7 +11,8 @@ import torch
 
 from launch.config import RunConfig, TrainConfig, load_config
 from launch.dist import init_distributed, set_seed
-from launch.loop import infinite_batches, prepare_run_dir, run_main, train_loop
+from launch.loop import Trainer, prepare_run_dir, run_main
+from launch.stream import BatchStream
 from launch.monitor import Monitor
 from launch.optim import build_engine
 
@@ -47,7 +48,8 @@ def main(argv):
         return torch.nn.functional.mse_loss(engine(x), y), {}
 
     monitor = Monitor(run_dir, dist)
-    train_loop(engine, infinite_batches(loader), step_fn, cfg.train, cfg.run, dist, monitor, schedule)
+    stream = BatchStream(None, loader, cfg.train.micro_batch_size, 0)
+    Trainer(engine, stream, step_fn, cfg.train, cfg.run, dist, monitor, schedule).fit()
     if dist.is_main:
         torch.save({k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}, Path(out) / "final.pt")
         monitor.close()
