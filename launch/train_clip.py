@@ -95,13 +95,13 @@ def load_tokenizer(folder: Path, key: str = "data.tokenizer") -> BilingualTokeni
 
 
 def split_sources(data: CLIPDataConfig):
-    """(train source, val rows or None): a held-out split of a manifest, or the configured sources;
-    every problem with them is one line naming the key."""
+    """(train source, val rows, val shards or None): a held-out split of a manifest, or the configured
+    sources; every problem with them is one line naming the key."""
     source = resolve_path(data.source)
     check_source(source, "data.source")
     if data.val_source:
-        _, rows = check_source(resolve_path(data.val_source), "data.val_source")
-        return source, [r["row"] for r in rows if "row" in r]
+        kind, rows = check_source(resolve_path(data.val_source), "data.val_source")
+        return source, ([r["row"] for r in rows if "row" in r] if kind == "records" else resolve_path(data.val_source))
     if source.endswith(".jsonl") and data.val_fraction > 0:
         try:
             train, val = split_rows(list(iter_manifest(source)), data.val_fraction, data.split_key, data.split_seed)
@@ -211,6 +211,8 @@ def main(argv: list[str]) -> Path:
     hooks = []
     if val_rows is not None and cfg.val_every > 0:
         val_tf = eval_transform(cfg.model.vision.img_size, cfg.augment.mean, cfg.augment.std)
+        if isinstance(val_rows, str) and dist.is_main:  # shards: decoded once, kept as tensors
+            val_rows = list(build_pair_dataset(val_rows, val_tf, languages=langs, shuffle=False))
 
         def validate(step: int):
             if not dist.is_main:

@@ -386,3 +386,28 @@ def test_pair_loader_end_to_end(subset, shard_dir, tokenizer):
     assert sum(len(b["keys"]) for b in batches) == 40
     assert all(b["text_mask"].all() for b in batches)
     assert batches[0]["images"][0].shape == (8, 3, 32, 32)
+
+
+def test_truncated_shard_counts_the_samples_it_lost(subset, tmp_path):
+    write_shards(subset, tmp_path, shard_size=7)  # 6 shards, stats.json: 5 x 7 + 5
+    shard = tmp_path / "000001.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 3])  # breaks off inside the shard's third sample or so
+    got = list(build_pair_dataset(str(tmp_path), nothing, shuffle=False))
+    assert sum(s["n_broken_shards"] for s in got) == 1
+    assert len(got) + sum(s["n_skipped"] for s in got) == 40  # the lost samples are all counted
+    assert 33 <= len(got) <= 35  # the 33 of the other shards and the one or two read before the break
+
+
+def test_stream_resumes_mid_epoch_without_decoding_what_was_consumed(subset):
+    """The items after position p of a fresh stream are those of a stream set to start at p, with
+    the same augmentation draws (each sample's seed is its position)."""
+    def noisy(img):
+        return torch.rand(1)  # stands for a random augmentation
+
+    ds = build_image_dataset(subset, noisy, seed=3)
+    ds.set_epoch(2)
+    full = [(s["pos"], s["image"].item()) for s in ds]
+    ds.set_epoch(2, start={0: full[9][0]})
+    rest = [(s["pos"], s["image"].item()) for s in ds]
+    assert rest == full[10:]

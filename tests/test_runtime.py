@@ -130,3 +130,32 @@ def test_adamw_is_fused_where_supported():
     opt.step()
     # one AdamW step moves every weight by lr * sign(grad) (m_hat / sqrt(v_hat) = 1) after decay
     torch.testing.assert_close(p.detach(), torch.full((3,), 1.0 * (1 - 0.1 * 0.01) - 0.1))
+
+
+def test_guard_spike_chance_and_temperature():
+    from launch.config import GuardConfig
+    from launch.guard import Diverged, Guard
+
+    g = Guard(GuardConfig(loss_spike=10, window=3))
+    for step, loss in enumerate([1.0, 0.9, 5.0, 0.8], 1):  # 5.0 is under 10x the median
+        g.check(step, {"train/loss": loss})
+    with pytest.raises(Diverged, match="over 10x its recent median 0.9"):
+        g.check(5, {"train/loss": 9.5})  # median of the last 3 (0.9, 5.0, 0.8) is 0.9
+
+    chance = 3.1192
+    g = Guard(GuardConfig(chance_logs=3), chance=chance, settle_step=2)
+    g.check(1, {"train/loss": chance})
+    g.check(2, {"train/loss": chance})  # inside warmup / freezing: not counted
+    g.check(3, {"train/loss": chance * 1.001})
+    g.check(4, {"train/loss": chance * 0.9})  # learning: the count restarts
+    g.check(5, {"train/loss": chance})
+    g.check(6, {"train/loss": chance})
+    with pytest.raises(Diverged, match="chance level 3.1192 for 3 logs"):
+        g.check(7, {"train/loss": chance})
+    restored = Guard(GuardConfig(chance_logs=3), chance=chance, settle_step=2)
+    restored.load_state_dict(g.state_dict())
+    assert restored.state_dict() == g.state_dict()
+
+    with pytest.raises(Diverged, match="temperature 2 at step 1 is above guard.max_temperature=1"):
+        Guard(GuardConfig()).check(1, {"train/loss": 3.0, "train/temperature": 2.0})
+    Guard(GuardConfig(max_temperature=0, loss_spike=0)).check(1, {"train/loss": 3.0, "train/temperature": 2.0})
