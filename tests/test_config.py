@@ -139,5 +139,6 @@ def test_stage_help_lists_every_key_and_print_config_resolves(tmp_path):
     assert not (tmp_path / "x").exists()  # nothing started, nothing written
 
     r = _stage(["train.precision=fp17"])
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+    lines = r.stderr.strip().splitlines()  # (a library may warn on import before it)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and [x for x in lines if "error" in x] == lines[-1:] == [
         "error: 'train.precision' must be one of fp32, bf16, fp16, got 'fp17' (command line)"]
