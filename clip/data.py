@@ -1,8 +1,8 @@
-"""Image-caption pairs for stage 2 (CLIP), their collate, a keyed split, and a shard writer.
+"""Image-caption pairs for stage 2 (CLIP): captions, the pair stream, its collate, a keyed split.
 
-Sources and sharding are those of :mod:`mae.data` (folder of ``.tar`` shards, brace pattern,
-one ``.tar``, ``.jsonl`` manifest or a list of :func:`mae.data.iter_manifest` rows); the shard
-format is :mod:`mae.shards`.
+Sources are those of :mod:`mae.data` (folder of ``.tar`` shards, brace pattern, one ``.tar``,
+``.jsonl`` manifest or a list of :func:`mae.data.iter_manifest` rows), the stream and its
+sharding that of :mod:`mae.dataset`, the shard format :mod:`mae.shards`.
 
 Captions, per configured language (order of ``languages``):
   * manifest rows / shard ``{key}.json``: ``obj["captions"][lang]`` if present, else ``obj[lang]``;
@@ -32,7 +32,7 @@ from typing import Literal, get_args
 import torch
 from torch.utils.data import get_worker_info
 
-from mae.data import ShardedImageSource, batch_position
+from mae.dataset import ShardedImageSource, batch_position
 
 
 # ----------------------------------------------------------------------------- captions
@@ -78,7 +78,7 @@ def _decode_text(data: bytes) -> str:
 # ----------------------------------------------------------------------------- dataset
 class PairDataset(ShardedImageSource):
     """Yields ``{"image", "captions": {lang: [str]}, "key", "n_dropped"}`` plus the stream's
-    bookkeeping (``n_skipped``, ``n_broken_shards``, ``worker``, ``pos``: :class:`mae.data.ShardedImageSource`)."""
+    bookkeeping (``n_skipped``, ``n_broken_shards``, ``worker``, ``pos``: :class:`mae.dataset.ShardedImageSource`)."""
 
     def __init__(self, source, transform, languages: Sequence[str] = ("en", "ko"), **kw):
         super().__init__(source, **kw)
@@ -124,14 +124,14 @@ class PairDataset(ShardedImageSource):
 def build_pair_dataset(source, transform, languages: Sequence[str] = ("en", "ko"), rank: int = 0,
                        world_size: int = 1, seed: int = 0, shuffle: bool = True,
                        shuffle_buffer: int = 256) -> PairDataset:
-    """Stage-2 pair stream (see the module docstring for captions and :mod:`mae.data` for sharding).
+    """Stage-2 pair stream (see the module docstring for captions and :mod:`mae.dataset` for sharding).
 
     Args:
         source: shards (brace pattern, ``.tar``, folder of ``.tar``), a ``.jsonl`` manifest, or a
             list of :func:`iter_manifest` rows (e.g. one side of :func:`split_rows`).
         transform: PIL RGB -> tensor or list of crop tensors (``clip.augment.MultiCrop``).
         languages: caption languages to keep; the first is the language of ``{key}.txt``.
-        rank, world_size, seed, shuffle, shuffle_buffer: as in :func:`mae.data.build_image_dataset`.
+        rank, world_size, seed, shuffle, shuffle_buffer: as in :func:`mae.dataset.build_image_dataset`.
     """
     return PairDataset(source, transform, languages=languages, rank=rank, world_size=world_size,
                        seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer)
@@ -170,7 +170,7 @@ class CaptionCollate:
 
     Returns ``{"images": [V x (B,3,H,W)], "tokens": (B,C,T) long, "text_mask": (B,C) bool,
     "languages": [C str], "slot_languages": B x C lists ("" where masked), "keys": [B str],
-    "n_dropped": int}`` plus :func:`mae.data.batch_position`'s fields.
+    "n_dropped": int}`` plus :func:`mae.dataset.batch_position`'s fields.
     """
 
     def __init__(self, tokenizer, languages: Sequence[str] = ("en", "ko"), mode: CaptionMode = "all", seed: int = 0,

@@ -11,8 +11,9 @@ from typing import Any, Literal, Optional, TypeVar, Union
 
 import yaml
 
-from launch.config import ConfigError, TrainConfig, dump_config, load_config
+from launch.config import ConfigError, dump_config, load_config
 from launch.dist import Dist, accelerator_type, init_distributed
+from launch.loop import check_run_dir
 from launch.optim import check_machine
 
 T = TypeVar("T")
@@ -76,11 +77,12 @@ def parse_run_args(argv: list[str], schema: type[T], description: str, default_c
     return args, load_config(schema, args.config, args.overrides)
 
 
-def start_run(cfg: Any, train: TrainConfig, print_config: bool) -> Optional[Dist]:
+def start_run(cfg: Any, print_config: bool, resume: bool) -> Optional[Dist]:
     """Once the config is final (every file checked): print it (``--print-config``; returns None),
-    or refuse a precision this machine cannot run and join the process group."""
+    or check the run folder and the machine, then join the process group."""
     if print_config:
         print(dump_config(cfg), end="")
         return None
-    check_machine(train, accelerator_type())
+    check_run_dir(cfg.run.out_dir, resume)
+    check_machine(cfg.train, accelerator_type())
     return init_distributed()

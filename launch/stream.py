@@ -10,7 +10,7 @@ from launch.config import ConfigError
 class BatchStream:
     """Batches of ``make_loader(epoch)``, one epoch after the other.
 
-    Batches of a :class:`mae.data.ShardedImageSource` carry ``worker`` and ``pos`` (where each
+    Batches of a :class:`mae.dataset.ShardedImageSource` carry ``worker`` and ``pos`` (where each
     DataLoader worker's part of the epoch stands); the stream keeps the latest of each, so
     :meth:`state_dict` says exactly where training is, and after :meth:`load_state_dict` the
     epoch continues from there: every worker skips the records it had consumed (without decoding

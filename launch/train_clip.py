@@ -29,7 +29,7 @@ from launch.cli import parse_run_args, start_run
 from launch.config import PROJECT_ROOT, ConfigError, GuardConfig, RunConfig, TrainConfig, resolve_path
 from launch.dist import barrier, set_seed
 from launch.guard import Guard
-from launch.loop import Trainer, check_run_dir, check_source, fingerprint, prepare_run_dir, summary_line
+from launch.loop import Trainer, check_source, fingerprint, prepare_run_dir, summary_line
 from launch.monitor import Monitor
 from launch.optim import FreezeSchedule, build_engine, freeze_steps, global_batch
 from launch.stream import BatchStream
@@ -148,9 +148,7 @@ def main(argv: list[str]) -> Path:
                                                    "(and sets model.vision)"),))
     cfg, tokenizer, tok_dir, init_state = resolve(cfg, args.init)
     train_src, val_rows = split_sources(cfg.data)
-    if not args.print_config:
-        check_run_dir(cfg.run.out_dir, args.resume)
-    dist = start_run(cfg, cfg.train, args.print_config)
+    dist = start_run(cfg, args.print_config, args.resume)
     if dist is None:
         return Path(cfg.run.out_dir)
 

@@ -18,12 +18,13 @@ from launch.cli import parse_run_args, start_run
 from launch.config import PROJECT_ROOT, GuardConfig, RunConfig, TrainConfig, resolve_path
 from launch.dist import barrier, set_seed
 from launch.guard import Guard
-from launch.loop import Trainer, check_run_dir, check_source, fingerprint, prepare_run_dir, summary_line
+from launch.loop import Trainer, check_source, fingerprint, prepare_run_dir, summary_line
 from launch.monitor import Monitor
 from launch.optim import build_engine, model_dtype
 from launch.stream import BatchStream
 from mae.checkpoint import atomic_write_bytes
-from mae.data import CLIP_MEAN, CLIP_STD, build_image_dataset, collate_images, eval_transform, mae_transform
+from mae.data import CLIP_MEAN, CLIP_STD, eval_transform, mae_transform
+from mae.dataset import build_image_dataset, collate_images
 from mae.model import MAEConfig, MaskedAutoencoder, save_encoder_checkpoint
 
 
@@ -92,9 +93,7 @@ def main(argv: list[str]) -> Path:
                                str(PROJECT_ROOT / "configs" / "mae.yaml"))
     source = resolve_path(cfg.data.source)
     check_source(source, "data.source")
-    if not args.print_config:
-        check_run_dir(cfg.run.out_dir, args.resume)
-    dist = start_run(cfg, cfg.train, args.print_config)
+    dist = start_run(cfg, args.print_config, args.resume)
     if dist is None:
         return Path(cfg.run.out_dir)
 

@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from clip.data import CaptionCollate, build_pair_dataset, split_rows
 from clip.shards import main as data_main, write_shards
-from mae.data import build_image_dataset, iter_manifest, load_rgb, mae_transform
+from mae.data import iter_manifest, load_rgb, mae_transform
+from mae.dataset import build_image_dataset
 
 
 # ----------------------------------------------------------------------------- helpers
