@@ -87,17 +87,20 @@ class CLIP(nn.Module):
         nn.init.normal_(self.visual_proj.weight, std=cfg.vision.embed_dim ** -0.5)
         nn.init.normal_(self.text_proj.weight, std=cfg.text.embed_dim ** -0.5)
 
-    def scale(self) -> torch.Tensor:
-        """exp(logit_scale) clamped at ``max_logit_scale``.
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing in both towers (each block recomputed in backward)."""
+        self.visual.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
 
-        Only the returned value is clamped (as open_clip does at use); the parameter itself is
-        never modified. Above the cap the gradient to ``logit_scale`` is zero, so (it has no
-        weight decay) it stays where it crossed the cap.
-        """
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale), at most ``max_logit_scale``. The trainer also clamps the parameter
+        itself to [0, log max_logit_scale] after every step (as open_clip does), so it never sits
+        past the cap where its gradient would be zero."""
         return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale).squeeze(0)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) of any size divisible by the patch -> (B, E), L2-normalised."""
+        images = images.to(self.visual_proj.weight.dtype)  # pixels arrive in fp32 whatever the weights
         return F.normalize(self.visual_proj(self.visual(images)), dim=-1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,8 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from mae.vit import run_blocks
+
 
 @dataclass(frozen=True)
 class TextConfig:
@@ -67,6 +69,7 @@ class TextTransformer(nn.Module):
              for _ in range(cfg.depth)]
         )
         self.norm = nn.LayerNorm(D)
+        self.grad_checkpointing = False
         self.init_weights()
 
     @torch.no_grad()
@@ -111,12 +114,14 @@ class TextTransformer(nn.Module):
         """Normalised hidden states (B, T, D) of every position (no truncation, no pooling)."""
         return self.norm(self._blocks(tokens))
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward instead of keeping them."""
+        self.grad_checkpointing = enable
+
     def _blocks(self, tokens: torch.Tensor) -> torch.Tensor:
         T = tokens.shape[1]
         x = self.token_embedding(tokens) + self.pos_embed[:, :T]  # (B, T, D)
-        for blk in self.blocks:
-            x = blk(x, is_causal=True)
-        return x
+        return run_blocks(self.blocks, x, self.grad_checkpointing, is_causal=True)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         eot, last = self.eot_positions(tokens)  # (B,)

@@ -35,9 +35,9 @@ class TrainConfig:
     """Optimisation and run-length settings shared by both stages.
 
     ``lr`` is the absolute peak learning rate; when it is null it is derived as
-    ``base_lr * global_batch / 256`` (the MAE paper's rule). ``precision`` is fp32, bf16 or fp16
-    (fp16 uses DeepSpeed's dynamic loss scaling and needs a GPU); ``launch.optim.PRECISIONS``
-    says what each means.
+    ``base_lr * global_batch / 256`` (the MAE paper's rule). ``precision`` is fp32, bf16 (autocast
+    over fp32 weights) or fp16 (DeepSpeed's half weights with dynamic loss scaling; needs a GPU);
+    ``launch.optim.PRECISIONS`` says what each means.
     """
 
     steps: int = 100
@@ -58,6 +58,7 @@ class TrainConfig:
     fp16_hysteresis: int = 2
     seed: int = 0
     num_workers: int = 1
+    grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory
 
     def __post_init__(self):
         for name in ("steps", "micro_batch_size", "grad_accum"):

@@ -27,7 +27,7 @@ from launch.config import ConfigError, RunConfig, TrainConfig, save_config
 from launch.dist import Dist, all_ranks_true, all_reduce, barrier, fault_point, shutdown_distributed
 from launch.guard import Diverged, Guard
 from launch.monitor import Monitor
-from launch.optim import FreezeSchedule, LRSchedule, global_batch, model_dtype
+from launch.optim import FreezeSchedule, LRSchedule, autocast, global_batch
 from launch.stream import BatchStream
 from mae.checkpoint import atomic_write_text
 
@@ -104,14 +104,15 @@ def prepare_run_dir(run: RunConfig, cfg: Any, dist: Dist, extra: Optional[dict] 
     return out
 
 
-def to_device(x: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """Move a batch (tensors, lists, dicts) to the device; floating tensors take the model dtype."""
+def to_device(x: Any, device: torch.device) -> Any:
+    """Move a batch (tensors, lists, dicts) to the device, dtypes unchanged (the models cast their
+    inputs to their weights' dtype, so losses can use the full-precision pixels)."""
     if isinstance(x, torch.Tensor):
-        return x.to(device, dtype=dtype, non_blocking=True) if x.is_floating_point() else x.to(device, non_blocking=True)
+        return x.to(device, non_blocking=True)
     if isinstance(x, (list, tuple)):
-        return type(x)(to_device(v, device, dtype) for v in x)
+        return type(x)(to_device(v, device) for v in x)
     if isinstance(x, dict):
-        return {k: to_device(v, device, dtype) for k, v in x.items()}
+        return {k: to_device(v, device) for k, v in x.items()}
     return x
 
 
@@ -154,19 +155,25 @@ class Trainer:
     Args:
         engine: the DeepSpeed engine.
         stream: the batches (their position is saved in checkpoints).
-        step_fn: ``batch -> (loss, metrics)`` for one micro-batch already on the device in the
-            model dtype. Metrics named ``count/...`` (skipped samples, ...) are summed over ranks
+        step_fn: ``batch -> (loss, metrics)`` for one micro-batch already on the device; it runs
+            under :func:`launch.optim.autocast`. Metrics named ``count/...`` (skipped samples, ...) are summed over ranks
             into running ``train/..._total``; the rest are averaged over ranks and the log interval.
         schedule, freeze: the lr schedule (for logging) and the freeze schedule (applied per step).
         guard: the divergence guard, checked at every log.
         identity: name -> (fingerprint, hint): what a resume must match (model config, tokenizer).
+        whole_step: ``batches -> (loss, metrics)`` doing the backward and ``engine.step()`` of all
+            ``train.grad_accum`` micro-batches of a step itself (feature-cached accumulation), used
+            instead of ``step_fn`` when given (its forwards run under :func:`launch.optim.autocast` itself).
+        after_step: called on every rank after each optimizer step (e.g. to clamp a parameter).
     """
 
     def __init__(self, engine, stream: BatchStream, step_fn: Callable[[Any], tuple[torch.Tensor, dict]],
                  train: TrainConfig, run: RunConfig, dist: Dist, monitor: Monitor, schedule: LRSchedule,
                  freeze: Optional[FreezeSchedule] = None, guard: Optional[Guard] = None,
-                 identity: Optional[dict] = None):
-        self.engine, self.stream, self.step_fn = engine, stream, step_fn
+                 identity: Optional[dict] = None, whole_step: Optional[Callable[[list], tuple]] = None,
+                 after_step: Optional[Callable[[], None]] = None):
+        self.engine, self.stream, self.step_fn, self.whole_step = engine, stream, step_fn, whole_step
+        self.after_step = after_step
         self.train, self.run, self.dist, self.monitor = train, run, dist, monitor
         self.schedule, self.freeze, self.guard = schedule, freeze, guard
         self.identity = identity or {}
@@ -213,30 +220,31 @@ class Trainer:
 
         train, dist = self.train, self.dist
         hooks = [(n, h) for n, h in hooks if n > 0]
-        dtype = model_dtype(train)
         bar = tqdm(total=train.steps, initial=self.step, disable=not dist.is_main, unit="step", file=sys.stderr,
                    mininterval=1.0, dynamic_ncols=True)
         t_last = time.perf_counter()
         try:
-            self._fit(hooks, bar, dtype, t_last)
+            self._fit(hooks, bar, t_last)
         finally:
             bar.close()  # before any error line
 
-    def _fit(self, hooks, bar, dtype, t_last) -> None:
+    def _fit(self, hooks, bar, t_last) -> None:
         train, dist = self.train, self.dist
         while self.step < train.steps:
             if self.freeze is not None:
                 self.freeze.apply(self.step)
-            for _ in range(train.grad_accum):
-                loss, metrics = self.step_fn(to_device(next(self.stream), dist.device, dtype))
-                self.engine.backward(loss)
-                self.engine.step()
-                if not all_ranks_true(bool(torch.isfinite(loss.detach().float()).all()), dist):
-                    raise NonFiniteLoss(f"non-finite loss at step {self.step} (loss={loss.item()}); stopping")
-                for k, v in {"loss": loss.item(), **metrics}.items():
-                    bucket = self.counts if k.startswith("count/") else self.acc
-                    bucket[k] = bucket.get(k, 0.0) + float(v)
-                self.n_acc += 1
+            if self.whole_step is not None:  # one call does every micro-batch's backward and step
+                batches = [to_device(next(self.stream), dist.device) for _ in range(train.grad_accum)]
+                self._record(*self.whole_step(batches), micro_steps=train.grad_accum)
+            else:
+                for _ in range(train.grad_accum):
+                    with autocast(train, dist.device):
+                        loss, metrics = self.step_fn(to_device(next(self.stream), dist.device))
+                    self.engine.backward(loss)
+                    self.engine.step()
+                    self._record(loss, metrics)
+            if self.after_step is not None:
+                self.after_step()
             self.step += 1
             fault_point("step", self.step)
             bar.update(1)
@@ -257,6 +265,17 @@ class Trainer:
                     self.monitor.log(self.step, out)
             if due:
                 barrier(dist)
+
+    def _record(self, loss: torch.Tensor, metrics: dict, micro_steps: int = 1) -> None:
+        """Stop on a non-finite loss (any rank); add the metrics of ``micro_steps`` micro-batches."""
+        if not all_ranks_true(bool(torch.isfinite(loss.detach().float()).all()), self.dist):
+            raise NonFiniteLoss(f"non-finite loss at step {self.step} (loss={loss.item()}); stopping")
+        for k, v in {"loss": loss.item(), **metrics}.items():
+            if k.startswith("count/"):
+                self.counts[k] = self.counts.get(k, 0.0) + float(v)
+            else:  # averaged per micro-batch
+                self.acc[k] = self.acc.get(k, 0.0) + float(v) * micro_steps
+        self.n_acc += micro_steps
 
     def _log_row(self, seconds: float) -> dict:
         d = self.stream.dropped  # cumulative, per rank: what partial batches skipped and held

@@ -1,6 +1,6 @@
 """Optimisation: precision, the DeepSpeed config, AdamW groups, the lr schedule and tower freezing.
 
-Each rule has one owner here: :data:`PRECISIONS` (precision -> dtype and DeepSpeed keys),
+Each rule has one owner here: :data:`PRECISIONS` (precision -> weights, autocast, DeepSpeed keys),
 :func:`no_weight_decay` (which parameters are not decayed), :class:`LRSchedule` (peak lr,
 warmup, cosine) and :class:`FreezeSchedule` (which parameters are frozen for how many steps: their
 learning rate is 0 and they get no gradient). :func:`build_engine` puts them together in
@@ -8,6 +8,7 @@ learning rate is 0 and they get no gradient). :func:`build_engine` puts them tog
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Optional, get_args
@@ -21,21 +22,28 @@ from launch.dist import Dist
 
 @dataclass(frozen=True)
 class PrecisionSpec:
-    dtype: torch.dtype
+    weights: torch.dtype  # what the model's parameters are kept in
+    autocast: Optional[torch.dtype]  # the forward runs under torch.autocast to this dtype
     deepspeed_key: Optional[str]  # the DeepSpeed config section that enables it
     needs_gpu: bool = False
 
 
+# bf16 is autocast over fp32 weights (as open_clip's amp_bf16): every parameter (LayerNorm,
+# embeddings, logit_scale) stays fp32 and the optimizer needs no master copy; matmuls run in bf16,
+# softmax / LayerNorm / the loss in fp32 where autocast's policy says so (on CUDA it does). fp16 needs
+# loss scaling, which DeepSpeed does for half weights only: its fp16 engine, on GPUs.
 PRECISIONS: dict[str, PrecisionSpec] = {
-    "fp32": PrecisionSpec(torch.float32, None),
-    "bf16": PrecisionSpec(torch.bfloat16, "bf16"),
-    "fp16": PrecisionSpec(torch.float16, "fp16", needs_gpu=True),  # DeepSpeed's CPU accelerator has no fp16
+    "fp32": PrecisionSpec(torch.float32, None, None),
+    "bf16": PrecisionSpec(torch.float32, torch.bfloat16, None),
+    "fp16": PrecisionSpec(torch.float16, None, "fp16", needs_gpu=True),  # DeepSpeed's CPU accelerator has no fp16
 }
 assert set(PRECISIONS) == set(get_args(Precision))
 
 
-def model_dtype(train: TrainConfig) -> torch.dtype:
-    return PRECISIONS[train.precision].dtype
+def autocast(train: TrainConfig, device: torch.device):
+    """The context the forward runs in: ``torch.autocast`` for bf16, nothing otherwise."""
+    dtype = PRECISIONS[train.precision].autocast
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def check_machine(train: TrainConfig, device_type: str) -> None:
@@ -173,6 +181,18 @@ def adamw(groups: list[dict], **kw) -> torch.optim.AdamW:
         return torch.optim.AdamW([dict(g) for g in groups], fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):  # an older torch, or a device without the kernel
         return torch.optim.AdamW([dict(g) for g in groups], **kw)
+
+
+def clamp_parameter_(param: torch.Tensor, low: float, high: float) -> None:
+    """Clamp a parameter in place, and the fp32 master copy DeepSpeed keeps of it where it keeps
+    one (ZeRO 1/2, its bf16 and fp16 optimizers); every rank calls this after the optimizer step."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    with torch.no_grad():
+        master = safe_get_full_fp32_param(param)
+        if master is not None:
+            safe_set_full_fp32_param(param, master.clamp(low, high))
+        param.clamp_(low, high)
 
 
 def build_engine(model: nn.Module, train: TrainConfig, dist: Dist, freeze: Optional[FreezeSchedule] = None):

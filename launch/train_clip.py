@@ -15,7 +15,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -28,10 +28,11 @@ from clip.text import text_config_for
 from launch.cli import parse_run_args, start_run
 from launch.config import PROJECT_ROOT, ConfigError, GuardConfig, RunConfig, TrainConfig, resolve_path
 from launch.dist import barrier, set_seed
+from launch.gradcache import CachedContrastiveStep
 from launch.guard import Guard
 from launch.loop import Trainer, check_source, fingerprint, prepare_run_dir, summary_line
 from launch.monitor import Monitor
-from launch.optim import FreezeSchedule, build_engine, freeze_steps, global_batch
+from launch.optim import FreezeSchedule, autocast, build_engine, clamp_parameter_, freeze_steps, global_batch
 from launch.stream import BatchStream
 from mae.data import eval_transform, iter_manifest
 from mae.model import load_encoder_checkpoint
@@ -84,6 +85,9 @@ class CLIPRunConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)
     val_every: int = 50  # validation loss + R@k per language every N steps (and at the end); 0 = off
     gather_with_grad: bool = True
+    # With train.grad_accum > 1: "cached" contrasts all micro-batches of a step (launch.gradcache),
+    # "per_micro_batch" each micro-batch on its own (fewer negatives, one forward per micro-batch).
+    accumulation: Literal["cached", "per_micro_batch"] = "cached"
 
 
 def load_tokenizer(folder: Path, key: str = "data.tokenizer") -> BilingualTokenizer:
@@ -156,6 +160,7 @@ def main(argv: list[str]) -> Path:
     model = CLIP(cfg.model)
     if init_state is not None:
         load_visual_state(model.visual, cfg.model.vision, init_state, args.init)
+    model.set_grad_checkpointing(cfg.train.grad_checkpointing)
     set_seed(cfg.train.seed + dist.rank)  # different patch-dropout streams per rank
 
     dataset = build_pair_dataset(train_src, MultiCrop(cfg.augment), languages=cfg.data.languages,
@@ -185,16 +190,27 @@ def main(argv: list[str]) -> Path:
     loss_fn = ClipLoss(dist.rank, dist.world_size, gather_with_grad=cfg.gather_with_grad)
     net: CLIP = engine.module
 
+    def metrics(scale: torch.Tensor, batches: list[dict]) -> dict:
+        s = scale.item()
+        return {"temperature": 1.0 / s if s > 0 else math.inf, "logit_scale": s,
+                **{f"count/{k}": sum(b[n] for b in batches) for k, n in (
+                    ("skipped_samples", "n_skipped"), ("broken_shards", "n_broken_shards"),
+                    ("dropped_captions", "n_dropped"))}}
+
     def step_fn(batch):
         img, txt, scale = engine(batch["images"], batch["tokens"], batch["text_mask"])
-        loss = loss_fn(img, txt, batch["text_mask"], scale)
-        s = scale.item()
-        return loss, {"temperature": 1.0 / s if s > 0 else math.inf, "logit_scale": s,
-                      "count/skipped_samples": batch["n_skipped"], "count/broken_shards": batch["n_broken_shards"],
-                      "count/dropped_captions": batch["n_dropped"]}
+        return loss_fn(img, txt, batch["text_mask"], scale), metrics(scale, [batch])
+
+    cached = CachedContrastiveStep(engine, loss_fn, lambda: autocast(cfg.train, dist.device))
+
+    def cached_step(batches):
+        loss, scale = cached(batches)
+        return loss, metrics(scale, batches)
+
+    whole_step = cached_step if cfg.train.grad_accum > 1 and cfg.accumulation == "cached" else None
 
     langs = cfg.data.languages
-    contrastive_batch = cfg.train.micro_batch_size * dist.world_size
+    contrastive_batch = cfg.train.micro_batch_size * dist.world_size * (cfg.train.grad_accum if whole_step else 1)
     n_slots = len(langs) if cfg.data.caption_mode == "all" else 1
     # uniform logits: image->text ln(B C) (C positives among B C captions), text->image ln B
     chance = 0.5 * (math.log(contrastive_batch * n_slots) + math.log(contrastive_batch))
@@ -202,7 +218,9 @@ def main(argv: list[str]) -> Path:
     run_tok = out / "tokenizer"
     identity = {"model config": (fingerprint(cfg.model), f"resume with its config: --config {out / 'config.yaml'}"),
                 "tokenizer": (tokenizer.fingerprint, f"resume with the run's own: data.tokenizer={run_tok}")}
-    trainer = Trainer(engine, stream, step_fn, cfg.train, cfg.run, dist, monitor, schedule, freeze, guard, identity)
+    max_log_scale = math.log(cfg.model.max_logit_scale)
+    trainer = Trainer(engine, stream, step_fn, cfg.train, cfg.run, dist, monitor, schedule, freeze, guard, identity,
+                      whole_step, after_step=lambda: clamp_parameter_(net.logit_scale, 0.0, max_log_scale))
     if args.resume:
         trainer.resume()
 

@@ -20,7 +20,7 @@ from launch.dist import barrier, set_seed
 from launch.guard import Guard
 from launch.loop import Trainer, check_source, fingerprint, prepare_run_dir, summary_line
 from launch.monitor import Monitor
-from launch.optim import build_engine, model_dtype
+from launch.optim import build_engine
 from launch.stream import BatchStream
 from mae.checkpoint import atomic_write_bytes
 from mae.data import CLIP_MEAN, CLIP_STD, eval_transform, mae_transform
@@ -99,6 +99,7 @@ def main(argv: list[str]) -> Path:
 
     set_seed(cfg.train.seed)  # same initial weights on every rank
     model = MaskedAutoencoder(cfg.model)
+    model.set_grad_checkpointing(cfg.train.grad_checkpointing)
     set_seed(cfg.train.seed + dist.rank)  # different masking streams per rank
     engine, ds_cfg, schedule = build_engine(model, cfg.train, dist)
     out = prepare_run_dir(cfg.run, cfg, dist, {"ds_config.json": ds_cfg})
@@ -127,7 +128,7 @@ def main(argv: list[str]) -> Path:
     def visualise(step: int):
         if dist.is_main:
             if vis is not None:
-                save_recon_grid(engine.module, vis.to(dist.device, dtype=model_dtype(cfg.train)), cfg.data.mean,
+                save_recon_grid(engine.module, vis.to(dist.device), cfg.data.mean,
                                 cfg.data.std, step, out / "recon" / f"step_{step:07d}.png")
             monitor.plot("loss.png", ["train/loss"], "MAE training loss", "norm-pix MSE on masked patches",
                          chance=1.0 if cfg.model.norm_pix_loss else None,

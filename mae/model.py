@@ -24,7 +24,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from mae.checkpoint import MAE_FORMAT, load_checkpoint, save_checkpoint
-from mae.vit import ViTConfig, VisionTransformer
+from mae.vit import ViTConfig, VisionTransformer, run_blocks
 
 
 @dataclass(frozen=True)
@@ -234,6 +234,7 @@ class MaskedAutoencoder(nn.Module):
         pixels = pixels.reshape(B, gh * gw, C * p * p)  # (B, L, C*p*p): the conv weight's order
         pixels = pixels.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, C * p * p))  # (B, K, C*p*p)
         proj = enc.patch_embed.proj
+        pixels = pixels.to(proj.weight.dtype)  # fp32 pixels in, the weights' dtype from here
         tokens = enc.patch_embed.norm(F.linear(pixels, proj.weight.flatten(1), proj.bias))  # (B, K, D)
         pos = enc.resized_pos_embed(gh, gw)  # (1, 1 + L, D)
         D = pos.shape[-1]
@@ -260,11 +261,12 @@ class MaskedAutoencoder(nn.Module):
         x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, L, Dd), shuffled order
         x_ = x_.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, Dd))  # (B, L, Dd), raster order
         x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos(gh, gw)  # (B, 1 + L, Dd)
-        x = self.decoder_norm(self.decoder_blocks(x))
+        x = self.decoder_norm(run_blocks(self.decoder_blocks, x, self.encoder.grad_checkpointing))
         return self.decoder_pred(x[:, 1:])  # (B, L, P): cls dropped before the head (MAE: after)
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error over the masked patches only (fp32)."""
+        """Mean squared error over the masked patches only, in fp32, against targets from the
+        pixels as given (fp32 from the trainer, whatever the weights' precision)."""
         target = self.patchify(imgs).float()  # (B, L, P)
         if self.cfg.norm_pix_loss:
             target = normalize_patches(target)[0]
@@ -296,6 +298,10 @@ class MaskedAutoencoder(nn.Module):
         m = mask.unsqueeze(-1)  # (B, L, 1)
         visible = patches * (1 - m)
         return self.unpatchify(visible, grid), self.unpatchify(visible + pred * m, grid)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing in the encoder and the decoder (each block recomputed in backward)."""
+        self.encoder.set_grad_checkpointing(enable)
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder's weights, keyed exactly as timm's ViT (decoder and mask token excluded)."""

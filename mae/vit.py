@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 from timm.layers import resample_abs_pos_embed
+from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import VisionTransformer as _TimmViT
 
 
@@ -33,8 +34,17 @@ class ViTConfig:
 Pool = Literal["token", "avg"]  # the cls output, or the mean of the patch outputs
 
 
+def run_blocks(blocks, x: torch.Tensor, checkpointing: bool = False, **kw) -> torch.Tensor:
+    """The blocks in turn. With ``checkpointing`` (and a graph being built) each block keeps only
+    its input and recomputes its activations in backward: less memory, one more forward."""
+    for blk in blocks:
+        x = checkpoint(blk, x, use_reentrant=False, **kw) if checkpointing and torch.is_grad_enabled() else blk(x, **kw)
+    return x
+
+
 class VisionTransformer(_TimmViT):
     """timm ViT with a pooled output and position embeddings resized to any input size.
+    ``set_grad_checkpointing(True)`` (timm's) checkpoints every block in both forward paths.
 
     Args:
         cfg: encoder sizes.
@@ -88,5 +98,5 @@ class VisionTransformer(_TimmViT):
         """
         x = torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)  # (B, 1 + N, D)
         x = self.norm_pre(x)
-        x = self.blocks(x)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing)
         return self.norm(x)

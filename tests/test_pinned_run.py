@@ -1,7 +1,7 @@
 """A short seeded run of each stage gives the very loss values pinned here (one process on CPU,
 fp32, from ``metrics.jsonl``): code that moves or restructures the runtime must not move them; a
 change meant to move them (how augmentation is seeded, say) re-pins them and says so. The CLIP
-run covers multi-crop, parallel captions, gradient accumulation, both freeze windows and a
+run covers multi-crop, parallel captions, per-micro-batch accumulation, both freeze windows and a
 validation in the middle of training (which must not change what training draws next). Values
 are compared to 1e-5 relative: a change of data order, augmentation, schedule, freezing or loss
 moves them by far more."""
@@ -42,7 +42,8 @@ def test_seeded_runs_give_the_pinned_losses(tmp_path, tiny_tokenizer_dir):
           f"run.out_dir={tmp_path / 'mae'}", "vis_every=0", *common], tmp_path)
     _run([str(ROOT / "launch" / "clip.py"), "--init", str(tmp_path / "mae" / "mae_ckpt.pt"),
           "--config", str(ROOT / "configs" / "clip_tiny.yaml"), f"run.out_dir={tmp_path / 'clip'}",
-          f"data.tokenizer={tiny_tokenizer_dir}", "val_every=3", "train.grad_accum=2", "freeze.image_steps=2",
+          f"data.tokenizer={tiny_tokenizer_dir}", "val_every=3", "train.grad_accum=2", "accumulation=per_micro_batch",
+          "freeze.image_steps=2",
           "freeze.text_steps=1", *common], tmp_path)
     mae, clip = _train_rows(tmp_path / "mae"), _train_rows(tmp_path / "clip")
     assert [r["train/loss"] for r in mae] == pytest.approx(MAE_LOSS, rel=1e-5)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from launch.config import ConfigError, TrainConfig
-from launch.optim import (PRECISIONS, FreezeSchedule, LRSchedule, check_machine, deepspeed_config, lr_factor,
-                          param_groups)
+from launch.optim import (PRECISIONS, FreezeSchedule, LRSchedule, autocast, check_machine, deepspeed_config,
+                          lr_factor, param_groups)
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "dp_runtime.py")
 
@@ -44,7 +44,6 @@ def test_deepspeed_config_fields():
     assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                           "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     assert ds["zero_optimization"] == {"stage": 2} and ds["gradient_clipping"] == 1.0
-    assert "bf16" in deepspeed_config(TrainConfig(precision="bf16"), 1)
 
 
 def test_precision_checks():
@@ -57,8 +56,14 @@ def test_precision_checks():
     with pytest.raises(ConfigError, match="'train.zero_stage' must be one of 0, 1, 2, got 3"):
         load_config(_Run, None, ["train.zero_stage=3"])
     check_machine(TrainConfig(precision="fp16"), "cuda")
-    assert {k: v.dtype for k, v in PRECISIONS.items()} == {
-        "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    assert {k: (v.weights, v.autocast) for k, v in PRECISIONS.items()} == {
+        "fp32": (torch.float32, None), "bf16": (torch.float32, torch.bfloat16), "fp16": (torch.float16, None)}
+    assert "bf16" not in deepspeed_config(TrainConfig(precision="bf16"), 1)  # fp32 optimizer, no master copy
+    layer = torch.nn.Linear(4, 4)
+    with autocast(TrainConfig(precision="bf16"), torch.device("cpu")):
+        assert layer(torch.randn(2, 4)).dtype == torch.bfloat16 and layer.weight.dtype == torch.float32
+    with autocast(TrainConfig(precision="fp32"), torch.device("cpu")):
+        assert layer(torch.randn(2, 4)).dtype == torch.float32
 
 
 @dataclass(frozen=True)
