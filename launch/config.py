@@ -59,6 +59,8 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 1
     grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory
+    compile: bool = False  # torch.compile the model (nn.Module.compile: state dict keys unchanged)
+    compile_backend: str = "inductor"
 
     def __post_init__(self):
         for name in ("steps", "micro_batch_size", "grad_accum"):

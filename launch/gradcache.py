@@ -13,7 +13,8 @@ With ``train.grad_accum = k``, one optimizer step is:
 
 DeepSpeed accumulates the k backwards and steps at the boundary as usual (``scale_wrt_gas=False``:
 the cached gradients are already those of the whole batch's loss). The forward runs twice, so a
-step costs about 1.3x the compute of plain accumulation, in exchange for the full set of negatives.
+step costs one more forward of each micro-batch than plain accumulation, in exchange for the full
+set of negatives.
 
 Legend: V crops, B micro-batch, k micro-batches, C caption slots, E width.
 """

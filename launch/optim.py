@@ -183,6 +183,13 @@ def adamw(groups: list[dict], **kw) -> torch.optim.AdamW:
         return torch.optim.AdamW([dict(g) for g in groups], **kw)
 
 
+def maybe_compile(model: nn.Module, train: TrainConfig) -> None:
+    """``model.compile()`` in place when ``train.compile`` is set (``dynamic``: crop sizes, caption
+    lengths and the masked token count vary); the state dict keeps its keys."""
+    if train.compile:
+        model.compile(backend=train.compile_backend, dynamic=True)
+
+
 def clamp_parameter_(param: torch.Tensor, low: float, high: float) -> None:
     """Clamp a parameter in place, and the fp32 master copy DeepSpeed keeps of it where it keeps
     one (ZeRO 1/2, its bf16 and fp16 optimizers); every rank calls this after the optimizer step."""

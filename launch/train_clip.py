@@ -32,7 +32,8 @@ from launch.gradcache import CachedContrastiveStep
 from launch.guard import Guard
 from launch.loop import Trainer, check_source, fingerprint, prepare_run_dir, summary_line
 from launch.monitor import Monitor
-from launch.optim import FreezeSchedule, autocast, build_engine, clamp_parameter_, freeze_steps, global_batch
+from launch.optim import (FreezeSchedule, autocast, build_engine, clamp_parameter_, freeze_steps, global_batch,
+                          maybe_compile)
 from launch.stream import BatchStream
 from mae.data import eval_transform, iter_manifest
 from mae.model import load_encoder_checkpoint
@@ -151,6 +152,10 @@ def main(argv: list[str]) -> Path:
                                options=(("--init", "mae_ckpt.pt from stage 1: initialises the image tower "
                                                    "(and sets model.vision)"),))
     cfg, tokenizer, tok_dir, init_state = resolve(cfg, args.init)
+    if cfg.train.compile and cfg.model.patch_dropout > 0 and cfg.train.grad_accum > 1 and cfg.accumulation == "cached":
+        raise ConfigError("train.compile with model.patch_dropout and cached accumulation: the second forward must "
+                          "replay the first one's random draws, which a compiled graph does not promise; "
+                          "set one of them off")
     train_src, val_rows = split_sources(cfg.data)
     dist = start_run(cfg, args.print_config, args.resume)
     if dist is None:
@@ -161,6 +166,7 @@ def main(argv: list[str]) -> Path:
     if init_state is not None:
         load_visual_state(model.visual, cfg.model.vision, init_state, args.init)
     model.set_grad_checkpointing(cfg.train.grad_checkpointing)
+    maybe_compile(model, cfg.train)
     set_seed(cfg.train.seed + dist.rank)  # different patch-dropout streams per rank
 
     dataset = build_pair_dataset(train_src, MultiCrop(cfg.augment), languages=cfg.data.languages,

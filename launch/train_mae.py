@@ -20,7 +20,7 @@ from launch.dist import barrier, set_seed
 from launch.guard import Guard
 from launch.loop import Trainer, check_source, fingerprint, prepare_run_dir, summary_line
 from launch.monitor import Monitor
-from launch.optim import build_engine
+from launch.optim import build_engine, maybe_compile
 from launch.stream import BatchStream
 from mae.checkpoint import atomic_write_bytes
 from mae.data import CLIP_MEAN, CLIP_STD, eval_transform, mae_transform
@@ -100,6 +100,7 @@ def main(argv: list[str]) -> Path:
     set_seed(cfg.train.seed)  # same initial weights on every rank
     model = MaskedAutoencoder(cfg.model)
     model.set_grad_checkpointing(cfg.train.grad_checkpointing)
+    maybe_compile(model, cfg.train)
     set_seed(cfg.train.seed + dist.rank)  # different masking streams per rank
     engine, ds_cfg, schedule = build_engine(model, cfg.train, dist)
     out = prepare_run_dir(cfg.run, cfg, dist, {"ds_config.json": ds_cfg})
