@@ -8,16 +8,25 @@ the same batch every step. Each variant runs in a fresh subprocess (clean peak-m
 * ``ours``: ``clip.model.CLIP`` (vocab 98304, so a 2x larger token embedding to update) +
   ``clip.loss.ClipLoss``; the text tower stops at the batch's last EOT.
 * ``ours_pd0.5``: the same with FLIP patch dropout 0.5 in the image tower.
+* ``ours_ckpt``: ``ours`` with activation checkpointing in both towers.
+* ``ours_compile``: ``ours`` after ``model.compile()`` (inductor).
+* ``ours_cached``: ``ours`` as ``--accum`` micro-batches of batch / accum with feature-cached
+  accumulation (``launch.gradcache``): the same contrastive batch at a micro-batch's memory.
+
+``--precision bf16`` runs every variant under ``torch.autocast`` (fp32 weights). Each row gives
+MFU (``bench/perf.py``: FLOPs of the step counted on the eager model / time / peak).
 
 Inputs are identical: the same image batch and, per row, the same caption length
 (``--caption-len MIN:MAX`` tokens incl. SOT, uniform; EOT then padding to 77). Token ids are
 random below each model's vocabulary, with each model's own SOT / EOT ids.
 
-    python bench/clip.py --device cuda --batch-size 32 --steps 30
+    python bench/clip.py --device cuda --batch-size 256 --steps 30 --precision bf16
+    python bench/clip.py --batch-size 8 --variants open_clip ours ours_ckpt   # CPU
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -29,8 +38,10 @@ import time
 # the ``clip`` package; drop that entry.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))  # the project root, for bench.perf
+from bench.perf import peak_tflops, step_flops  # noqa: E402
 
-VARIANTS = ("open_clip", "ours", "ours_pd0.5")
+VARIANTS = ("open_clip", "ours", "ours_pd0.5", "ours_ckpt", "ours_compile", "ours_cached")
 
 
 def make_inputs(batch_size: int, caption_len: tuple[int, int], seed: int = 0):
@@ -87,12 +98,48 @@ def run_variant(name: str, args) -> dict:
         opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.2, fused=True)
     except (RuntimeError, TypeError):
         opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.2)
+    cast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16" else contextlib.nullcontext
+
+    def plain_fwd_bwd(imgs, toks):
+        with cast():
+            loss = step_loss(imgs, toks)
+        loss.backward()
+        return loss
+
+    # Model FLOPs (MFU's numerator): one plain forward + backward of the whole batch, without the
+    # recomputation that checkpointing or cached accumulation add; for ours_cached counted on one
+    # micro-batch (times accum), so that the count does not hold a whole batch's activations.
+    k = args.accum if name == "ours_cached" else 1
+    flops = k * step_flops(lambda: plain_fwd_bwd(images[: len(images) // k], tokens[: len(tokens) // k]))
+    opt.zero_grad(set_to_none=True)
+    if name == "ours_ckpt":
+        model.set_grad_checkpointing(True)
+    if name == "ours_cached":
+        from launch.gradcache import CachedContrastiveStep
+
+        class Eager:  # the engine's interface on the plain model
+            module = model
+            __call__ = staticmethod(model)
+            backward = staticmethod(lambda loss, scale_wrt_gas=True: loss.backward())
+            step = staticmethod(lambda: None)
+
+        cached = CachedContrastiveStep(Eager(), loss_fn, cast)
+        micro = [{"images": [x], "tokens": tk[:, None], "text_mask": torch.ones(len(tk), 1, dtype=torch.bool,
+                                                                                device=device)}
+                 for x, tk in zip(images.chunk(k), tokens.chunk(k))]
+
+        def fwd_bwd():
+            return cached(micro)[0]
+    else:
+        def fwd_bwd():
+            return plain_fwd_bwd(images, tokens)
+    if name == "ours_compile":
+        model.compile()
     n_params = sum(p.numel() for p in model.parameters())
 
     def step():
-        loss = step_loss(images, tokens)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = fwd_bwd()
         opt.step()
         return loss
 
@@ -105,8 +152,14 @@ def run_variant(name: str, args) -> dict:
         loss = step()
     sync()
     dt = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        sync()
+    peak, _ = peak_tflops(device, args.peak_tflops)
     out = {"variant": name, "samples_per_s": args.steps * args.batch_size / dt,
            "step_ms": 1000 * dt / args.steps, "params_M": n_params / 1e6,
+           "mfu": flops / (dt / args.steps) / (peak * 1e12), "step_gflop": flops / 1e9,
            "loss": float(loss),
            "max_rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":
@@ -125,6 +178,9 @@ def main(argv=None) -> int:
                    help="MIN:MAX tokens before EOT (incl. SOT), uniform per row; 76:76 = full")
     p.add_argument("--repeats", type=int, default=1, help="runs per variant; medians reported")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--accum", type=int, default=4, help="micro-batches of ours_cached (batch / accum each)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for MFU (default: see bench/perf.py)")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # child process mode
     args = p.parse_args(argv)
     try:
@@ -146,7 +202,9 @@ def main(argv=None) -> int:
 
     child = [sys.executable, __file__, "--batch-size", str(args.batch_size), "--steps",
              str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
-             "--caption-len", f"{lo}:{hi}"]
+             "--caption-len", f"{lo}:{hi}", "--precision", args.precision, "--accum", str(args.accum)]
+    if args.peak_tflops:
+        child += ["--peak-tflops", str(args.peak_tflops)]
     runs: dict[str, list[dict]] = {v: [] for v in args.variants}
     for _ in range(args.repeats):  # interleaved, so drifting machine load hits every variant
         for v in args.variants:
@@ -160,22 +218,25 @@ def main(argv=None) -> int:
                for v, rs in runs.items()}
 
     gpu_name = next(iter(results.values())).get("gpu", "")
+    import torch
+    peak, source = peak_tflops(torch.device(args.device), args.peak_tflops)
     print(f"device={args.device} {gpu_name} batch={args.batch_size} steps={args.steps} "
           f"warmup={args.warmup} repeats={args.repeats} caption_len={lo}:{hi} "
-          "(+EOT, padded to 77) fp32")
+          f"(+EOT, padded to 77) {args.precision}; ours_cached = {args.accum} x {args.batch_size // args.accum}; "
+          f"MFU against {peak:.3g} TFLOP/s ({source})")
     print("vocab: open_clip 49408, ours 98304 (ours updates a 2x larger token embedding)")
     mem = "cuda_peak_MiB" if gpu else "max_rss_MiB"
-    print(f"{'variant':<12} {'params(M)':>9} {'step(ms)':>9} {'samples/s':>10} {mem:>14}  all runs")
+    print(f"{'variant':<13} {'params(M)':>9} {'GFLOP':>8} {'step(ms)':>9} {'samples/s':>10} {'MFU':>7} {mem:>14}  all runs")
     for v, r in results.items():
         every = " ".join(f"{x['samples_per_s']:.1f}" for x in runs[v])
-        print(f"{v:<12} {r['params_M']:>9.1f} {r['step_ms']:>9.1f} {r['samples_per_s']:>10.1f} "
-              f"{r[mem]:>14.0f}  [{every}]")
+        print(f"{v:<13} {r['params_M']:>9.1f} {r['step_gflop']:>8.0f} {r['step_ms']:>9.1f} {r['samples_per_s']:>10.1f} "
+              f"{100 * r['mfu']:>6.1f}% {r[mem]:>14.0f}  [{every}]")
     if "open_clip" in results:
-        base = results["open_clip"]["samples_per_s"]
-        for v in ("ours", "ours_pd0.5"):
-            if v in results:
-                print(f"ratio {v}/open_clip = {results[v]['samples_per_s'] / base:.2f}x "
-                      "(medians)")
+        base = results["open_clip"]
+        for v in results:
+            if v != "open_clip":
+                print(f"ratio {v}/open_clip = {results[v]['samples_per_s'] / base['samples_per_s']:.2f}x samples/s, "
+                      f"{results[v][mem] / base[mem]:.2f}x memory (medians)")
     return 0
 
 

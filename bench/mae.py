@@ -7,11 +7,17 @@ Each model runs in a fresh subprocess so that its peak memory is its own (ru_max
 ``torch.cuda.max_memory_allocated`` on CUDA); ``--rounds`` alternates the two models, and the
 ratio compares each model's fastest step, which is what survives noisy neighbours best.
 
+``ours_ckpt`` adds activation checkpointing (encoder and decoder), ``ours_compile`` runs
+``model.compile()``; ``--precision bf16`` runs every model under ``torch.autocast`` (fp32 weights).
+MFU: ``bench/perf.py`` (model FLOPs of a plain step, without recomputation / time / peak).
+
     python bench/mae.py --batch-size 32 --steps 5 --threads 2
+    python bench/mae.py --device cuda --batch-size 256 --steps 20 --precision bf16
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -24,15 +30,18 @@ import time
 # `mae` package; drop that entry so `import mae.model` finds the project.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))  # the project root, for bench.perf
 
 import torch  # noqa: E402
 
-MODELS = ("ours", "hf")
+from bench.perf import peak_tflops, step_flops  # noqa: E402
+
+MODELS = ("ours", "ours_ckpt", "ours_compile", "hf")
 
 
 def build(name: str):
     """The model and a function batch -> loss."""
-    if name == "ours":
+    if name.startswith("ours"):
         from mae.model import MAEConfig, MaskedAutoencoder
 
         model = MaskedAutoencoder(MAEConfig())
@@ -66,6 +75,19 @@ def worker(args) -> dict:
     opt = torch.optim.AdamW(params, lr=1.5e-4, weight_decay=0.05)
     x = torch.randn(args.batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
     cuda = device.type == "cuda"
+    cast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16" else contextlib.nullcontext
+    plain = loss_fn
+
+    def loss_fn(x):  # noqa: F811  (the model's loss under the chosen precision)
+        with cast():
+            return plain(x)
+
+    flops = step_flops(lambda: loss_fn(x).backward())  # model FLOPs: a plain step, no recomputation
+    opt.zero_grad(set_to_none=True)
+    if args.worker == "ours_ckpt":
+        model.set_grad_checkpointing(True)
+    if args.worker == "ours_compile":
+        model.compile()
     rss_before = rss_mib()
 
     def sync() -> float:
@@ -104,6 +126,7 @@ def worker(args) -> dict:
         "step_s": [round(t, 4) for t in times],
         "min_fwd_bwd_opt_s": [min(col) for col in zip(*phases)],
         "loss": loss,
+        "mfu": flops / min(times) / (peak_tflops(device, args.peak_tflops)[0] * 1e12),
     }
     if cuda:
         out["peak_mem_MiB"] = torch.cuda.max_memory_allocated() / 2**20
@@ -121,6 +144,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rounds", type=int, default=2, help="alternate ours/hf this many times")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for MFU (default: see bench/perf.py)")
     ap.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -128,14 +154,19 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
 
-    print(f"device={args.device} threads={args.threads} batch={args.batch_size} "
-          f"warmup={args.warmup} steps={args.steps} torch={torch.__version__}", flush=True)
-    results: dict[str, list[dict]] = {m: [] for m in MODELS}
+    peak, source = peak_tflops(torch.device(args.device), args.peak_tflops)
+    print(f"device={args.device} threads={args.threads} batch={args.batch_size} {args.precision} "
+          f"warmup={args.warmup} steps={args.steps} torch={torch.__version__}; MFU against {peak:.3g} TFLOP/s "
+          f"({source})", flush=True)
+    models = args.models
+    results: dict[str, list[dict]] = {m: [] for m in models}
     for r in range(args.rounds):
-        for name in MODELS:
+        for name in models:
             cmd = [sys.executable, __file__, "--worker", name, "--batch-size", str(args.batch_size),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision,
                    "--threads", str(args.threads), "--device", args.device]
+            if args.peak_tflops:
+                cmd += ["--peak-tflops", str(args.peak_tflops)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(f"{name} worker failed:\n{proc.stderr.strip()}")
@@ -143,17 +174,21 @@ def main() -> None:
             results[name].append(res)
             mem = (f"peak GPU mem {res['peak_mem_MiB']:.0f} MiB" if "peak_mem_MiB" in res else
                    f"peak RSS {res['peak_rss_MiB']:.0f} MiB (+{res['rss_growth_MiB']:.0f} MiB in training)")
-            print(f"round {r}: {name:4s} {res['samples_per_s']:7.2f} samples/s  "
+            print(f"round {r}: {name:12s} {res['samples_per_s']:7.2f} samples/s  MFU {100 * res['mfu']:5.1f}%  "
                   f"median step {res['median_step_s']:.3f} s  "
                   f"(min fwd/bwd/opt {'/'.join(f'{t:.3f}' for t in res['min_fwd_bwd_opt_s'])} s)  {mem}  "
                   f"[{res['params_trainable_M']:.1f}M trainable; {res['note']}]", flush=True)
     # On a shared machine a slow step says more about the neighbours than the model: the ratio
     # uses each model's fastest step over all rounds (mean-based throughput printed beside it).
-    mean = {m: max(r["samples_per_s"] for r in results[m]) for m in MODELS}
-    best = {m: args.batch_size / min(r["min_step_s"] for r in results[m]) for m in MODELS}
-    print(f"fastest step over {args.rounds} round(s): ours {best['ours']:.2f} samples/s, "
-          f"hf {best['hf']:.2f} samples/s, ratio ours/hf = {best['ours'] / best['hf']:.3f} "
-          f"(best-round mean throughput ratio {mean['ours'] / mean['hf']:.3f})")
+    mean = {m: max(r["samples_per_s"] for r in results[m]) for m in models}
+    best = {m: args.batch_size / min(r["min_step_s"] for r in results[m]) for m in models}
+    for m in models:
+        line = f"fastest step over {args.rounds} round(s): {m:12s} {best[m]:8.2f} samples/s"
+        if "hf" in best and m != "hf":
+            line += (f", ratio {m}/hf = {best[m] / best['hf']:.3f} "
+                     f"(best-round mean throughput ratio {mean[m] / mean['hf']:.3f})")
+        print(line)
+
 
 if __name__ == "__main__":
     main()
