@@ -1,10 +1,12 @@
-"""The process group: joining it, where this process stands, and the few collectives the runtime needs.
+"""The process: the group it joins, where it stands, the few collectives the runtime needs, its
+random states (saved in checkpoints, kept across hooks) and the test suite's fault points.
 
 Works under ``deepspeed [--num_gpus N | --hostfile H] launch/X.py``, ``torchrun``, and a plain
 ``python launch/X.py`` (one process; the rendezvous variables are filled in here).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -115,3 +117,32 @@ def all_ranks_true(flag: bool, dist: Dist) -> bool:
     if dist.world_size > 1:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
     return bool(t.item() > 0)
+
+
+def rng_state() -> dict:
+    """Every random state of this process (python, numpy, torch CPU and accelerator), as tensors
+    and plain values that ``torch.load(weights_only=True)`` reads back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Restore every random state of this process on exit."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)

@@ -10,21 +10,19 @@ stopped (same seed, ranks and workers).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-import numpy as np
 import torch
 
 from launch import checkpoints
 from launch.config import ConfigError, RunConfig, TrainConfig, save_config
-from launch.dist import Dist, all_ranks_true, all_reduce, barrier, fault_point, shutdown_distributed
+from launch.dist import (Dist, all_ranks_true, all_reduce, barrier, fault_point, preserved_rng, rng_state,
+                         set_rng_state, shutdown_distributed)
 from launch.guard import Diverged, Guard
 from launch.monitor import Monitor
 from launch.optim import FreezeSchedule, LRSchedule, autocast, global_batch
@@ -114,35 +112,6 @@ def to_device(x: Any, device: torch.device) -> Any:
     if isinstance(x, dict):
         return {k: to_device(v, device) for k, v in x.items()}
     return x
-
-
-def rng_state() -> dict:
-    """Every random state of this process (python, numpy, torch CPU and accelerator), as tensors
-    and plain values that ``torch.load(weights_only=True)`` reads back."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@contextlib.contextmanager
-def preserved_rng():
-    """Restore every random state of this process on exit."""
-    state = rng_state()
-    try:
-        yield
-    finally:
-        set_rng_state(state)
 
 
 class NonFiniteLoss(Diverged):
