@@ -3,8 +3,9 @@ fp32, from ``metrics.jsonl``): code that moves or restructures the runtime must 
 change meant to move them (how augmentation is seeded, say) re-pins them and says so. The CLIP
 run covers multi-crop, parallel captions, per-micro-batch accumulation, both freeze windows and a
 validation in the middle of training (which must not change what training draws next). Values
-are compared to 1e-5 relative: a change of data order, augmentation, schedule, freezing or loss
-moves them by far more."""
+are compared to 1e-3 relative: other versions of torch, torchvision and timm move the last digits
+(1.2e-4 between the dependency floors and the current releases), while a change of data order,
+augmentation, schedule, freezing or loss moves them by far more."""
 from __future__ import annotations
 
 import json
@@ -46,6 +47,6 @@ def test_seeded_runs_give_the_pinned_losses(tmp_path, tiny_tokenizer_dir):
           "freeze.image_steps=2",
           "freeze.text_steps=1", *common], tmp_path)
     mae, clip = _train_rows(tmp_path / "mae"), _train_rows(tmp_path / "clip")
-    assert [r["train/loss"] for r in mae] == pytest.approx(MAE_LOSS, rel=1e-5)
-    assert [r["train/loss"] for r in clip] == pytest.approx(CLIP_LOSS, rel=1e-5)
+    assert [r["train/loss"] for r in mae] == pytest.approx(MAE_LOSS, rel=1e-3)
+    assert [r["train/loss"] for r in clip] == pytest.approx(CLIP_LOSS, rel=1e-3)
     assert [r["train/lr"] for r in clip] == pytest.approx(CLIP_LR, rel=1e-9)
