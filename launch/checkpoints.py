@@ -116,8 +116,8 @@ def _candidates(ckpt: Path) -> list[str]:
     return ([named] if named in tags else []) + [t for t in tags if t != named]
 
 
-def load(engine, out_dir: Path, dist: Dist, identity: dict) -> tuple[int, dict, dict]:
-    """Load the newest usable checkpoint: ``(step, this rank's resume state, rank 0's)``.
+def load(engine, out_dir: Path, dist: Dist, identity: dict) -> tuple[int, dict]:
+    """Load the newest usable checkpoint: ``(step, this rank's resume state)``.
 
     ``engine`` gets DeepSpeed's state (model, optimizer, lr schedule); the caller restores the rest
     from the resume states. Every rank checks every candidate and they agree before loading.
@@ -142,7 +142,7 @@ def load(engine, out_dir: Path, dist: Dist, identity: dict) -> tuple[int, dict, 
         sched = engine.lr_scheduler
         sched.last_epoch -= 1
         sched.step()
-        return tag_step(tag), mine, state0
+        return tag_step(tag), mine
     raise ConfigError(f"--resume: no usable checkpoint in {ckpt}")
 
 

@@ -25,16 +25,7 @@ import contextlib
 import torch
 
 from clip.loss import ClipLoss
-
-
-def _rng() -> tuple:
-    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [])
-
-
-def _set_rng(state: tuple) -> None:
-    torch.set_rng_state(state[0])
-    if state[1]:
-        torch.cuda.set_rng_state_all(state[1])
+from launch.dist import rng_state, set_rng_state
 
 
 class CachedContrastiveStep:
@@ -57,11 +48,11 @@ class CachedContrastiveStep:
         starts, images, texts = [], [], []
         with torch.no_grad(), self.autocast():
             for b in batches:
-                starts.append(_rng())
+                starts.append(rng_state())
                 img, txt, _ = engine(b["images"], b["tokens"], b["text_mask"])  # (V, B, E), (B, C, E)
                 images.append(img)
                 texts.append(txt)
-        after = _rng()
+        after = rng_state()
         img = torch.cat(images, dim=1).detach().requires_grad_()  # (V, kB, E)
         txt = torch.cat(texts, dim=0).detach().requires_grad_()  # (kB, C, E)
         mask = torch.cat([b["text_mask"] for b in batches])  # (kB, C)
@@ -70,7 +61,7 @@ class CachedContrastiveStep:
         g_img, g_txt, g_scale = torch.autograd.grad(loss, [img, txt, scale])
         sizes = [t.shape[0] for t in texts]
         for i, (b, gi, gt) in enumerate(zip(batches, g_img.split(sizes, dim=1), g_txt.split(sizes, dim=0))):
-            _set_rng(starts[i])  # the same patch-dropout draws as the cached forward
+            set_rng_state(starts[i])  # the same patch-dropout draws as the cached forward
             with self.autocast():
                 img_i, txt_i, scale_i = engine(b["images"], b["tokens"], b["text_mask"])
             surrogate = (img_i.float() * gi).sum() + (txt_i.float() * gt).sum()
@@ -78,5 +69,5 @@ class CachedContrastiveStep:
                 surrogate = surrogate + (scale_i.float() * g_scale).sum()
             engine.backward(surrogate, scale_wrt_gas=False)
             engine.step()
-        _set_rng(after)
+        set_rng_state(after)
         return loss.detach(), scale.detach()

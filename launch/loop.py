@@ -171,7 +171,7 @@ class Trainer:
 
     def resume(self) -> int:
         """Continue from the newest usable checkpoint of the run folder; returns its step."""
-        step, state, _ = checkpoints.load(self.engine, self.out_dir, self.dist, self.identity)
+        step, state = checkpoints.load(self.engine, self.out_dir, self.dist, self.identity)
         self.step = step
         self.stream.load_state_dict(state["stream"])
         loop = state["loop"]

@@ -35,7 +35,7 @@ from launch.monitor import Monitor
 from launch.optim import (FreezeSchedule, autocast, build_engine, clamp_parameter_, freeze_steps, global_batch,
                           maybe_compile)
 from launch.stream import BatchStream
-from mae.data import eval_transform, iter_manifest
+from mae.data import eval_transform
 from mae.model import load_encoder_checkpoint
 from mae.vit import VisionTransformer
 from tokenizer import BilingualTokenizer
@@ -100,16 +100,16 @@ def load_tokenizer(folder: Path, key: str = "data.tokenizer") -> BilingualTokeni
 
 
 def split_sources(data: CLIPDataConfig):
-    """(train source, val rows, val shards or None): a held-out split of a manifest, or the configured
+    """(train source, val source or rows, or None): a held-out split of a manifest, or the configured
     sources; every problem with them is one line naming the key."""
     source = resolve_path(data.source)
-    check_source(source, "data.source")
+    _, records = check_source(source, "data.source")
     if data.val_source:
-        kind, rows = check_source(resolve_path(data.val_source), "data.val_source")
-        return source, ([r["row"] for r in rows if "row" in r] if kind == "records" else resolve_path(data.val_source))
+        check_source(resolve_path(data.val_source), "data.val_source")
+        return source, resolve_path(data.val_source)
     if source.endswith(".jsonl") and data.val_fraction > 0:
-        try:
-            train, val = split_rows(list(iter_manifest(source)), data.val_fraction, data.split_key, data.split_seed)
+        try:  # the manifest's rows as check_source read them: no second pass over the file
+            train, val = split_rows([r["row"] for r in records], data.val_fraction, data.split_key, data.split_seed)
         except ValueError as e:
             raise ConfigError(f"data.split_key: {e}") from None
         if not train or not val:
@@ -233,7 +233,7 @@ def main(argv: list[str]) -> Path:
     hooks = []
     if val_rows is not None and cfg.val_every > 0:
         val_tf = eval_transform(cfg.model.vision.img_size, cfg.augment.mean, cfg.augment.std)
-        if isinstance(val_rows, str) and dist.is_main:  # shards: decoded once, kept as tensors
+        if dist.is_main:  # decoded once, kept as tensors for every validation
             val_rows = list(build_pair_dataset(val_rows, val_tf, languages=langs, shuffle=False))
 
         def validate(step: int):
