@@ -7,10 +7,12 @@ Works under ``deepspeed [--num_gpus N | --hostfile H] launch/X.py``, ``torchrun`
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import random
 import signal
 import socket
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,11 +75,22 @@ def init_distributed() -> Dist:
 
 
 def shutdown_distributed() -> None:
-    """Leave the process group, if any. Left to interpreter exit, the teardown of gloo's and
-    DeepSpeed's communication threads can abort a rank ("terminate called without an active
-    exception") after a run that finished correctly."""
+    """Leave the process group, if any, and let its threads go while the interpreter still runs.
+
+    Left to interpreter exit, the teardown of gloo's worker threads can abort a rank that finished
+    correctly ("terminate called without an active exception", exit -6): a C++ thread that
+    releases the last reference to a Python-owned tensor after finalisation began cannot take the
+    GIL. So the engine's reference cycles (hooks, optimizer, loaders) are collected first, the
+    groups destroyed, and DeepSpeed's own reference to the world group dropped, so that the C++
+    process group, and with it its threads, is destroyed here, in order.
+    """
+    gc.collect()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None and getattr(groups, "_WORLD_GROUP", None) is not None:
+        groups._WORLD_GROUP = None
+    gc.collect()
 
 
 def fault_point(where: str, step: int) -> None:
