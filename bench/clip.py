@@ -14,7 +14,7 @@ the same batch every step. Each variant runs in a fresh subprocess (clean peak-m
   accumulation (``launch.gradcache``): the same contrastive batch at a micro-batch's memory.
 
 ``--precision bf16`` runs every variant under ``torch.autocast`` (fp32 weights). Each row gives
-MFU (``bench/perf.py``: FLOPs of the step counted on the eager model / time / peak).
+MFU (``launch/perf.py``: FLOPs of the step counted on the eager model / time / peak).
 
 Inputs are identical: the same image batch and, per row, the same caption length
 (``--caption-len MIN:MAX`` tokens incl. SOT, uniform; EOT then padding to 77). Token ids are
@@ -38,8 +38,8 @@ import time
 # the ``clip`` package; drop that entry.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))  # the project root, for bench.perf
-from bench.perf import peak_tflops, step_flops  # noqa: E402
+sys.path.insert(0, os.path.dirname(_HERE))  # the project root, for launch.perf
+from launch.perf import peak_tflops, step_flops  # noqa: E402
 
 VARIANTS = ("open_clip", "ours", "ours_pd0.5", "ours_ckpt", "ours_compile", "ours_cached")
 
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--accum", type=int, default=4, help="micro-batches of ours_cached (batch / accum each)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for MFU (default: see bench/perf.py)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for MFU (default: see launch/perf.py)")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # child process mode
     args = p.parse_args(argv)
     try:

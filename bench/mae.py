@@ -9,7 +9,7 @@ ratio compares each model's fastest step, which is what survives noisy neighbour
 
 ``ours_ckpt`` adds activation checkpointing (encoder and decoder), ``ours_compile`` runs
 ``model.compile()``; ``--precision bf16`` runs every model under ``torch.autocast`` (fp32 weights).
-MFU: ``bench/perf.py`` (model FLOPs of a plain step, without recomputation / time / peak).
+MFU: ``launch/perf.py`` (model FLOPs of a plain step, without recomputation / time / peak).
 
     python bench/mae.py --batch-size 32 --steps 5 --threads 2
     python bench/mae.py --device cuda --batch-size 256 --steps 20 --precision bf16
@@ -30,11 +30,11 @@ import time
 # `mae` package; drop that entry so `import mae.model` finds the project.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))  # the project root, for bench.perf
+sys.path.insert(0, os.path.dirname(_HERE))  # the project root, for launch.perf
 
 import torch  # noqa: E402
 
-from bench.perf import peak_tflops, step_flops  # noqa: E402
+from launch.perf import peak_tflops, step_flops  # noqa: E402
 
 MODELS = ("ours", "ours_ckpt", "ours_compile", "hf")
 
@@ -146,7 +146,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternate ours/hf this many times")
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for MFU (default: see bench/perf.py)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for MFU (default: see launch/perf.py)")
     ap.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
     args = ap.parse_args()
 

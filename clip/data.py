@@ -115,10 +115,10 @@ class PairDataset(ShardedImageSource):
         key, caps, dropped = self.captions(record)
         if not caps:
             return None
-        img = self.decode(record)
+        img = self.decode(record, self.transform)
         if img is None:
             return None
-        return {"image": self.transform(img), "captions": caps, "key": key, "n_dropped": dropped}
+        return {"image": img, "captions": caps, "key": key, "n_dropped": dropped}
 
 
 def build_pair_dataset(source, transform, languages: Sequence[str] = ("en", "ko"), rank: int = 0,
@@ -154,6 +154,21 @@ def split_rows(rows: Sequence[dict], val_fraction: float, key_field: str = "base
 
 
 # ----------------------------------------------------------------------------- collate
+def collate_crops(images: list) -> list[torch.Tensor] | dict:
+    """Per-sample views -> V crop batches ``[(B, 3, H, W)]`` (float or uint8, as the views are); a
+    single tensor per sample is one view; ``clip.augment.DeviceMultiCrop`` outputs (dicts) are
+    batched by :func:`clip.augment.collate_pending` for cropping on the accelerator."""
+    if isinstance(images[0], dict):
+        from clip.augment import collate_pending
+
+        return collate_pending(images)
+    images = [v if isinstance(v, (list, tuple)) else [v] for v in images]
+    V = len(images[0])
+    if any(len(v) != V for v in images):
+        raise ValueError("samples in one batch have different numbers of crops")
+    return [torch.stack([v[i] for v in images]) for i in range(V)]  # V x (B, 3, H, W)
+
+
 CaptionMode = Literal["all", "sample"]  # every language a positive, or one random caption per image
 
 
@@ -168,7 +183,7 @@ class CaptionCollate:
     worker and position), so they do not depend on earlier batches and a resumed run draws the
     same; call ``set_epoch`` before each epoch for fresh draws.
 
-    Returns ``{"images": [V x (B,3,H,W)], "tokens": (B,C,T) long, "text_mask": (B,C) bool,
+    Returns ``{"images": [V x (B,3,H,W)] (or ``impl=device``'s pending batch: :func:`collate_crops`), "tokens": (B,C,T) long, "text_mask": (B,C) bool,
     "languages": [C str], "slot_languages": B x C lists ("" where masked), "keys": [B str],
     "n_dropped": int}`` plus :func:`mae.dataset.batch_position`'s fields.
     """
@@ -211,12 +226,8 @@ class CaptionCollate:
         tokens[:, 0], tokens[:, 1] = self.tokenizer.sot_id, self.tokenizer.eot_id  # empty caption row
         if enc is not None:
             tokens[mask.view(-1)] = enc.long()
-        images = [s["image"] if isinstance(s["image"], (list, tuple)) else [s["image"]] for s in samples]
-        V = len(images[0])
-        if any(len(v) != V for v in images):
-            raise ValueError("samples in one batch have different numbers of crops")
         return {
-            "images": [torch.stack([v[i] for v in images]) for i in range(V)],  # V x (B, 3, H, W)
+            "images": collate_crops([s["image"] for s in samples]),
             "tokens": tokens.view(B, C, T),  # (B, C, T)
             "text_mask": mask,
             "languages": list(self.languages) if self.mode == "all" else ["mixed"],

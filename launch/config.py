@@ -86,6 +86,7 @@ class RunConfig:
     log_every: int = 10
     ckpt_every: int = 0  # 0 = only at the end
     keep_last: int = 2  # DeepSpeed checkpoints kept; older tags are deleted
+    peak_tflops: float = 0.0  # the device's peak for train/mfu; 0 = known GPU table / measured CPU GEMM rate
 
     def __post_init__(self):
         if self.log_every < 1:

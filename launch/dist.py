@@ -113,12 +113,12 @@ def barrier(dist: Dist) -> None:
 
 
 def all_reduce(values: dict[str, float], dist: Dist, op: str = "mean") -> dict[str, float]:
-    """Sum or mean of scalar metrics over ranks, in one collective."""
+    """Sum, mean or max (``op``) of scalar metrics over ranks, in one collective."""
     if dist.world_size == 1 or not values:
         return dict(values)
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=dist.device)
-    torch.distributed.all_reduce(t)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
     if op == "mean":
         t /= dist.world_size
     return dict(zip(keys, t.tolist()))

@@ -19,7 +19,7 @@ from typing import Literal, Optional
 
 import torch
 
-from clip.augment import MultiCrop, MultiCropConfig
+from clip.augment import MultiCropConfig, build_multicrop, finish_images
 from clip.data import CaptionCollate, CaptionMode, build_pair_dataset, split_rows
 from clip.evaluate import evaluate_heldout
 from clip.loss import ClipLoss
@@ -169,7 +169,7 @@ def main(argv: list[str]) -> Path:
     maybe_compile(model, cfg.train)
     set_seed(cfg.train.seed + dist.rank)  # different patch-dropout streams per rank
 
-    dataset = build_pair_dataset(train_src, MultiCrop(cfg.augment), languages=cfg.data.languages,
+    dataset = build_pair_dataset(train_src, build_multicrop(cfg.augment), languages=cfg.data.languages,
                                  rank=dist.rank, world_size=dist.world_size, seed=cfg.train.seed)
     n_train = dataset.num_samples()
     per_epoch = n_train / global_batch(cfg.train, dist.world_size) if n_train else None
@@ -203,13 +203,18 @@ def main(argv: list[str]) -> Path:
                     ("skipped_samples", "n_skipped"), ("broken_shards", "n_broken_shards"),
                     ("dropped_captions", "n_dropped"))}}
 
+    def views(batch: dict) -> dict:  # uint8 crops normalised / device crops made, on the device
+        return {**batch, "images": finish_images(batch["images"], cfg.augment)}
+
     def step_fn(batch):
+        batch = views(batch)
         img, txt, scale = engine(batch["images"], batch["tokens"], batch["text_mask"])
         return loss_fn(img, txt, batch["text_mask"], scale), metrics(scale, [batch])
 
     cached = CachedContrastiveStep(engine, loss_fn, lambda: autocast(cfg.train, dist.device))
 
     def cached_step(batches):
+        batches = [views(b) for b in batches]
         loss, scale = cached(batches)
         return loss, metrics(scale, batches)
 

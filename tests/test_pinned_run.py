@@ -43,7 +43,7 @@ def test_seeded_runs_give_the_pinned_losses(tmp_path, tiny_tokenizer_dir):
           f"run.out_dir={tmp_path / 'mae'}", "vis_every=0", *common], tmp_path)
     _run([str(ROOT / "launch" / "clip.py"), "--init", str(tmp_path / "mae" / "mae_ckpt.pt"),
           "--config", str(ROOT / "configs" / "clip_tiny.yaml"), f"run.out_dir={tmp_path / 'clip'}",
-          f"data.tokenizer={tiny_tokenizer_dir}", "val_every=3", "train.grad_accum=2", "accumulation=per_micro_batch",
+          f"data.tokenizer={tiny_tokenizer_dir}", "val_every=3", "train.grad_accum=2", "accumulation=per_micro_batch", "augment.impl=torchvision",
           "freeze.image_steps=2",
           "freeze.text_steps=1", *common], tmp_path)
     mae, clip = _train_rows(tmp_path / "mae"), _train_rows(tmp_path / "clip")

@@ -1,5 +1,6 @@
 """The DeepSpeed runtime: schedule, precision checks, and data-parallel equivalence under the real
 ``deepspeed`` launcher (2 CPU ranks, gloo) against one process with the same global batch."""
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -114,8 +115,8 @@ def test_two_ranks_equal_one_rank(tmp_path, free_port):
                      "--master_port", str(_another_port(free_port)), SCRIPT,
                      str(tmp_path / "torchrun"), "train.micro_batch_size=4"],
     }
-    for cmd in runs.values():
-        _run(cmd, cwd=tmp_path)  # not the repo root: the runtime must not depend on the working directory
+    out = {name: _run(cmd, cwd=tmp_path) for name, cmd in runs.items()}  # not from the repo root: the runtime
+    # must not depend on the working directory
     final = {k: torch.load(tmp_path / k / "final.pt", weights_only=True) for k in runs}
     start = torch.nn.Sequential(torch.nn.Linear(6, 16))  # the weights did move
     for name in ("accum", "two", "torchrun"):
@@ -123,6 +124,19 @@ def test_two_ranks_equal_one_rank(tmp_path, free_port):
             torch.testing.assert_close(final[name][key], ref, rtol=1e-5, atol=1e-6, msg=f"{name}:{key}")
     assert (tmp_path / "two" / "config.yaml").is_file() and (tmp_path / "two" / "ds_config.json").is_file()
     assert final["one"]["0.weight"].abs().sum() != start[0].weight.abs().sum()
+    # telemetry: the gradient norm is that of the global batch, however it is split (our own
+    # without ZeRO, DeepSpeed's with ZeRO-2); timings and memory are present and sane
+    rows = {k: [json.loads(x) for x in (tmp_path / k / "metrics.jsonl").read_text().splitlines()] for k in runs}
+    norms = {k: [r["train/grad_norm"] for r in v] for k, v in rows.items()}
+    assert len(norms["one"]) == 6 and all(n > 0 for n in norms["one"])
+    for name in ("accum", "two", "torchrun"):
+        assert norms[name] == pytest.approx(norms["one"], rel=1e-4), name
+    for r in rows["two"]:
+        assert 0.0 <= r["train/data_wait_share"] <= 1.0 and r["train/step_time_s"] > 0
+        assert r["train/peak_mem_gib"] > 0.01 and 0 < r["train/mfu"] < 1
+    # stderr is a pipe, not a terminal: one plain progress line per log interval, no bar
+    lines = [x for x in out["one"].stderr.splitlines() if x.startswith("step ")]
+    assert [x.split()[1] for x in lines] == [f"{i}/6" for i in range(1, 7)] and "\r" not in out["one"].stderr
 
 
 def test_adamw_is_fused_where_supported():

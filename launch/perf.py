@@ -1,10 +1,10 @@
-"""What the benchmarks share: FLOPs of a step, the device's peak rate, model FLOPs utilisation.
+"""Model FLOPs utilisation, for the training log (``train/mfu``) and the benchmarks.
 
 MFU = (FLOPs of one train step, counted by ``torch.utils.flop_counter`` on the eager model) /
-step time / peak. The peak is ``--peak-tflops`` if given; on CUDA the card's dense bf16 tensor
-rate from a small table (H100 / H200 SXM 989, A100 312 TFLOP/s); on a CPU the fp32 GEMM rate
-measured here (a 2048^3 matmul, best of 5), so CPU MFU says how close a step gets to this
-machine's own matmul speed.
+step time / peak. The peak is ``run.peak_tflops`` / ``--peak-tflops`` if given; on CUDA the
+card's dense bf16 tensor rate from a small table (H100 / H200 SXM 989, A100 312 TFLOP/s); on a
+CPU the fp32 GEMM rate measured here (a square matmul, best of 5), so CPU MFU says how close a
+step gets to this machine's own matmul speed.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def step_flops(run_step) -> float:
     return float(counter.get_total_flops())
 
 
-def cpu_gemm_tflops(n: int = 2048, repeats: int = 5) -> float:
+def cpu_gemm_tflops(n: int = 1024, repeats: int = 5) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     best = min(_timed(lambda: a @ b) for _ in range(repeats))
@@ -40,7 +40,7 @@ def peak_tflops(device: torch.device, override: float | None = None) -> tuple[fl
         for key, tflops in DENSE_BF16_TFLOPS.items():
             if key in name:
                 return tflops, f"{name} dense bf16"
-        return float("nan"), f"{name}: unknown peak, pass --peak-tflops"
+        return float("nan"), f"{name}: unknown peak, set run.peak_tflops / --peak-tflops"
     return cpu_gemm_tflops(), "this CPU's measured fp32 GEMM rate"
 
 

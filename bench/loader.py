@@ -1,0 +1,190 @@
+"""Images/s of the CLIP data path, per core: shard -> decode -> multi-crop -> tokenize -> batch.
+
+The photos in ``--photos`` (e.g. ``../shared/data/photos``) are re-encoded as JPEG (quality 90)
+at shorter side ``--size``, repeated to ``--samples`` samples and written as WebDataset shards
+(img2dataset layout, captions in English and Korean in ``{key}.json``) in a temporary folder.
+Then, for each augmentation implementation (``clip.augment``: ``torchvision`` = the reference
+path, ``fast``, ``device``), the training stream of ``configs/clip.yaml`` (its multi-crop, caption
+languages and mode, context length and tokenizer) is read for ``--seconds``:
+
+* ``--workers 0`` (default): in this process, one thread: images/s per core.
+* ``--workers N``: a DataLoader with N worker processes, as training runs it: images/s in total
+  and per worker.
+
+``device`` does only the decode and the box draws on the CPU; its crops run batched on the
+accelerator (``clip.augment.finish_images``), timed separately (``finish``: ms per batch on
+``--device``) and not counted in its CPU images/s. The last line printed is the images/s per
+core of the default training path (``augment.impl`` of ``configs/clip.yaml``).
+
+    python bench/loader.py --photos ../shared/data/photos --size 256 --seconds 20
+    python bench/loader.py --photos ../shared/data/photos --size 512 --workers 8 --device cuda
+
+Without the photo folder it exits 0 with a message (nothing to measure).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+ROOT = os.path.dirname(_HERE)
+sys.path.insert(0, ROOT)
+
+IMPLS = ("torchvision", "fast", "device")
+
+
+def write_shards(photos: Path, size: int, samples: int, out: Path, shard_size: int = 128) -> int:
+    from PIL import Image
+
+    from mae.shards import write_shard_folder
+
+    files = sorted(p for p in photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not files:
+        raise SystemExit(f"error: no photos in {photos}")
+    enc = out / "encoded"
+    enc.mkdir(parents=True)
+    paths = []
+    for p in files:
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            s = size / min(im.size)
+            im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.BICUBIC)
+            q = enc / (p.stem + ".jpg")
+            im.save(q, "JPEG", quality=90)
+            paths.append(q)
+    records = [{"path": str(paths[i % len(paths)]), "name": paths[i % len(paths)].stem} for i in range(samples)]
+
+    def members(r):
+        caps = {"en": f"a photo of the {r['name'].replace('_', ' ')}", "ko": f"{r['name']} 사진"}
+        return {"json": json.dumps({"captions": caps}, ensure_ascii=False).encode()}
+
+    (out / "shards").mkdir()
+    write_shard_folder(records, out / "shards", shard_size, members)
+    return len(paths)
+
+
+def tokenizer_for(cfg, scratch: Path):
+    from tokenizer.bpe import BilingualTokenizer
+
+    folder = Path(cfg.data.tokenizer)
+    if not folder.is_absolute():
+        folder = Path(ROOT) / folder
+    try:
+        return BilingualTokenizer.from_dir(folder), str(folder)
+    except (FileNotFoundError, ValueError):
+        from tokenizer.train import train_tokenizer
+
+        out = scratch / "tokenizer"
+        train_tokenizer([f"{ROOT}/data/corpus/en.txt", f"{ROOT}/data/corpus/ko.txt"], str(out), vocab_size=8000,
+                        max_lines_per_file=8000, seed=0)
+        return BilingualTokenizer.from_dir(out), f"{out} (8k vocab trained here: {folder} not found)"
+
+
+def measure(cfg, impl: str, shards: str, tokenizer, batch: int, workers: int, seconds: float, device: str) -> dict:
+    import torch
+
+    from clip.augment import build_multicrop, finish_images
+    from clip.data import CaptionCollate, build_pair_dataset
+
+    aug = type(cfg.augment)(**{**cfg.augment.__dict__, "impl": impl})
+    ds = build_pair_dataset(shards, build_multicrop(aug), languages=cfg.data.languages)
+    collate = CaptionCollate(tokenizer, cfg.data.languages, mode=cfg.data.caption_mode,
+                             context_length=cfg.model.text.context_length)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, collate_fn=collate, num_workers=workers,
+                                         persistent_workers=workers > 0)
+    n, batches, first = 0, [], None
+    t0 = time.perf_counter()
+    epoch = 0
+    while time.perf_counter() - t0 < seconds:
+        for b in loader:
+            if first is None:  # workers started and warm: time from the first batch on
+                first, t0, n = b, time.perf_counter(), 0
+                continue
+            n += b["size"]
+            if time.perf_counter() - t0 >= seconds:
+                break
+        epoch += 1
+    rate = n / (time.perf_counter() - t0)
+    finish_ms = None
+    if impl != "torchvision" or device != "cpu":
+        dev = torch.device(device)
+        imgs = [x.to(dev) for x in first["images"]] if isinstance(first["images"], list) else \
+            {k: v.to(dev) for k, v in first["images"].items()}
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        finish_images(imgs, aug)
+        sync()
+        t = time.perf_counter()
+        for _ in range(5):
+            finish_images(imgs, aug)
+        sync()
+        finish_ms = (time.perf_counter() - t) / 5 * 1e3
+    return {"impl": impl, "images_per_s": rate, "per_core": rate / max(1, workers), "finish_ms": finish_ms,
+            "batch_bytes": _nbytes(first["images"])}
+
+
+def _nbytes(images) -> int:
+    if isinstance(images, dict):
+        return sum(v.numel() * v.element_size() for v in images.values())
+    return sum(x.numel() * x.element_size() for x in images)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--photos", default=os.path.join(ROOT, "..", "shared", "data", "photos"))
+    ap.add_argument("--size", type=int, default=256, help="shorter side of the re-encoded JPEGs")
+    ap.add_argument("--seconds", type=float, default=10.0, help="per implementation")
+    ap.add_argument("--samples", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=0, help="0: in-process, one thread (per-core figure)")
+    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    ap.add_argument("--config", default=os.path.join(ROOT, "configs", "clip.yaml"))
+    ap.add_argument("--device", default="cpu", help="where finish_images runs (cuda for the GPU path)")
+    args = ap.parse_args()
+    if not os.path.isdir(args.photos):
+        print(f"skipped: no photo folder at {args.photos} (pass --photos DIR)")
+        return
+
+    import torch
+
+    from launch.config import load_config
+    from launch.train_clip import CLIPRunConfig
+
+    torch.set_num_threads(1)
+    cfg = load_config(CLIPRunConfig, args.config, [])
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        n_photos = write_shards(Path(args.photos), args.size, args.samples, tmp)
+        tok, tok_src = tokenizer_for(cfg, tmp)
+        a = cfg.augment
+        print(f"# {n_photos} photos at shorter side {args.size} px, {args.samples} samples in shards; "
+              f"{a.global_crops} x {a.global_size} + {a.local_crops} x {a.local_size} px crops, captions "
+              f"{list(cfg.data.languages)} ({cfg.data.caption_mode}), tokenizer {tok_src}; batch {args.batch_size}, "
+              f"workers {args.workers}, {args.seconds:g} s each, torch {torch.__version__}")
+        rows = {}
+        for impl in args.impls:
+            rows[impl] = measure(cfg, impl, str(tmp / "shards"), tok, args.batch_size, args.workers, args.seconds,
+                                 args.device)
+    base = rows.get("torchvision")
+    print(f"{'impl':12s} {'images/s':>9s} {'per core':>9s} {'vs torchvision':>15s} {'batch MiB':>10s} "
+          f"{'finish ms/batch (' + args.device + ')':>26s}")
+    for impl, r in rows.items():
+        ratio = f"{r['per_core'] / base['per_core']:.2f}x" if base else "-"
+        fin = f"{r['finish_ms']:.1f}" if r["finish_ms"] is not None else "-"
+        print(f"{impl:12s} {r['images_per_s']:9.1f} {r['per_core']:9.1f} {ratio:>15s} "
+              f"{r['batch_bytes'] / 2**20:10.1f} {fin:>26s}")
+    if "device" in rows:
+        print("# device: CPU side only (decode + boxes); its crops run in finish_images on the accelerator")
+    default = cfg.augment.impl
+    if default in rows:
+        print(f"{rows[default]['per_core']:.1f}")
+
+
+if __name__ == "__main__":
+    main()
