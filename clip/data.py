@@ -123,7 +123,7 @@ class PairDataset(ShardedImageSource):
 
 def build_pair_dataset(source, transform, languages: Sequence[str] = ("en", "ko"), rank: int = 0,
                        world_size: int = 1, seed: int = 0, shuffle: bool = True,
-                       shuffle_buffer: int = 256) -> PairDataset:
+                       shuffle_buffer: int = 256, **stream) -> PairDataset:
     """Stage-2 pair stream (see the module docstring for captions and :mod:`mae.dataset` for sharding).
 
     Args:
@@ -131,10 +131,10 @@ def build_pair_dataset(source, transform, languages: Sequence[str] = ("en", "ko"
             list of :func:`iter_manifest` rows (e.g. one side of :func:`split_rows`).
         transform: PIL RGB -> tensor or list of crop tensors (``clip.augment.MultiCrop``).
         languages: caption languages to keep; the first is the language of ``{key}.txt``.
-        rank, world_size, seed, shuffle, shuffle_buffer: as in :func:`mae.dataset.build_image_dataset`.
+        rank, world_size, seed, shuffle, shuffle_buffer, stream: as in :func:`mae.dataset.build_image_dataset`.
     """
     return PairDataset(source, transform, languages=languages, rank=rank, world_size=world_size,
-                       seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer)
+                       seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer, **stream)
 
 
 def split_rows(rows: Sequence[dict], val_fraction: float, key_field: str = "base",

@@ -97,6 +97,33 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class StreamConfig:
+    """How a stage reads its source (the ``data.`` keys both stages share; ``mae.dataset``).
+
+    ``resampled``: draw shards with replacement per DataLoader worker, endlessly (open_clip's
+    ``--dataset-resampled``); the epoch is then nominal. ``num_samples``: samples per (nominal)
+    epoch, for epoch-based settings; 0 = from the shards' statistics (our ``stats.json``,
+    img2dataset's ``*_stats.json``), needed for remote shards. ``source_weights``: one per
+    ``::``-separated source of ``data.source``, per-shard sampling weights when resampling.
+    ``shuffle_buffer``: samples in each worker's shuffle buffer over shards.
+    """
+
+    resampled: bool = False
+    num_samples: int = 0
+    source_weights: tuple[float, ...] = ()
+    shuffle_buffer: int = 256
+
+    def __post_init__(self):
+        if self.num_samples < 0 or self.shuffle_buffer < 0 or any(w <= 0 for w in self.source_weights):
+            raise ValueError("num_samples and shuffle_buffer must be >= 0 and source_weights > 0")
+
+    def stream_options(self) -> dict:
+        """Keyword arguments for ``build_image_dataset`` / ``build_pair_dataset``."""
+        return {"resampled": self.resampled, "num_samples": self.num_samples, "weights": self.source_weights,
+                "shuffle_buffer": self.shuffle_buffer}
+
+
+@dataclass(frozen=True)
 class GuardConfig:
     """When training stops as diverged (checked at every log, before that step's checkpoint, so the
     last checkpoint is from before; a non-finite loss stops at once). 0 turns a check off.

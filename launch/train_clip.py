@@ -26,7 +26,7 @@ from clip.loss import ClipLoss
 from clip.model import CLIP, CLIPConfig, load_visual_state, save_clip
 from clip.text import text_config_for
 from launch.cli import parse_run_args, start_run
-from launch.config import PROJECT_ROOT, ConfigError, GuardConfig, RunConfig, TrainConfig, resolve_path
+from launch.config import PROJECT_ROOT, ConfigError, GuardConfig, RunConfig, StreamConfig, TrainConfig, resolve_path
 from launch.dist import barrier, set_seed
 from launch.gradcache import CachedContrastiveStep
 from launch.guard import Guard
@@ -42,8 +42,9 @@ from tokenizer import BilingualTokenizer
 
 
 @dataclass(frozen=True)
-class CLIPDataConfig:
-    """Image-text pairs: WebDataset shards or a JSONL manifest (+ image folder).
+class CLIPDataConfig(StreamConfig):
+    """Image-text pairs: WebDataset shards (local, ``pipe:``, http; ``::`` mixes) or a JSONL / CSV
+    manifest (+ image folder); how they are read: :class:`launch.config.StreamConfig`.
 
     ``caption_mode``: ``all`` = one caption per language per image, all positives (Parallel
     Multilingual CLIP); ``sample`` = one caption of a random language per image (KELIP's mixed
@@ -107,7 +108,7 @@ def split_sources(data: CLIPDataConfig):
     if data.val_source:
         check_source(resolve_path(data.val_source), "data.val_source")
         return source, resolve_path(data.val_source)
-    if source.endswith(".jsonl") and data.val_fraction > 0:
+    if source.endswith((".jsonl", ".csv", ".tsv")) and data.val_fraction > 0:
         try:  # the manifest's rows as check_source read them: no second pass over the file
             train, val = split_rows([r["row"] for r in records], data.val_fraction, data.split_key, data.split_seed)
         except ValueError as e:
@@ -170,7 +171,8 @@ def main(argv: list[str]) -> Path:
     set_seed(cfg.train.seed + dist.rank)  # different patch-dropout streams per rank
 
     dataset = build_pair_dataset(train_src, build_multicrop(cfg.augment), languages=cfg.data.languages,
-                                 rank=dist.rank, world_size=dist.world_size, seed=cfg.train.seed)
+                                 rank=dist.rank, world_size=dist.world_size, seed=cfg.train.seed,
+                                 **cfg.data.stream_options())
     n_train = dataset.num_samples()
     per_epoch = n_train / global_batch(cfg.train, dist.world_size) if n_train else None
     f = cfg.freeze

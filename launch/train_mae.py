@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from launch.cli import parse_run_args, start_run
-from launch.config import PROJECT_ROOT, GuardConfig, RunConfig, TrainConfig, resolve_path
+from launch.config import PROJECT_ROOT, GuardConfig, RunConfig, StreamConfig, TrainConfig, resolve_path
 from launch.dist import barrier, set_seed
 from launch.guard import Guard
 from launch.loop import Trainer, check_source, fingerprint, prepare_run_dir, summary_line
@@ -29,8 +29,9 @@ from mae.model import MAEConfig, MaskedAutoencoder, save_encoder_checkpoint
 
 
 @dataclass(frozen=True)
-class MAEDataConfig:
-    """Images for stage 1: an image folder, a JSONL manifest, or WebDataset shards."""
+class MAEDataConfig(StreamConfig):
+    """Images for stage 1: an image folder, a JSONL / CSV manifest, or WebDataset shards (local,
+    ``pipe:``, http; ``::`` mixes); how they are read: :class:`launch.config.StreamConfig`."""
 
     source: str = "data/emoji/captions.jsonl"
     scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
@@ -109,7 +110,7 @@ def main(argv: list[str]) -> Path:
     enc = cfg.model.encoder
     dataset = build_image_dataset(
         source, mae_transform(enc.img_size, cfg.data.mean, cfg.data.std, scale=cfg.data.scale),
-        rank=dist.rank, world_size=dist.world_size, seed=cfg.train.seed,
+        rank=dist.rank, world_size=dist.world_size, seed=cfg.train.seed, **cfg.data.stream_options(),
     )
     stream = BatchStream(dataset, lambda epoch: torch.utils.data.DataLoader(
         dataset, batch_size=cfg.train.micro_batch_size, num_workers=cfg.train.num_workers,

@@ -9,7 +9,11 @@ workers, found with ``get_worker_info()``).
     position in the (permuted) stream is ``g mod P`` (round robin; each part still reads all the
     bytes, which is fine for the small data sets where this happens). Samples then pass a small
     in-worker shuffle buffer (seeded by ``seed``, ``epoch`` and g).
-Either way one pass over all parts visits every sample exactly once. ``set_epoch(e)`` reshuffles;
+Either way one pass over all parts visits every sample exactly once.
+  * Resampled (``resampled=True``, open_clip's ``--dataset-resampled``): each part draws shards
+    with replacement (weighted per shard by its ``::`` source's weight, as open_clip's upsampling
+    factors), from a generator seeded by (seed, epoch, part): an endless stream whose "epoch" is
+    the nominal ``num_samples``; resuming replays the part's draws without decoding. ``set_epoch(e)`` reshuffles;
 call it before building the epoch's iterator, with ``persistent_workers=False`` (the default) so
 the workers see it. All ranks must use the same ``num_workers``. Parts differ by at most one file
 (or one shard), so ranks may see slightly different sample counts: under DeepSpeed run a fixed
@@ -26,15 +30,16 @@ Nothing is logged from workers; the trainer sums and logs.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mae.data import load_rgb, resolve_source
-from mae.shards import iter_shard_samples, shard_sample_count
+from mae.shards import expand_shard_groups, iter_shard_samples, shard_sample_count
 
 
 def sample_seed(*parts) -> int:
@@ -57,17 +62,32 @@ class ShardedImageSource(IterableDataset):
     """
 
     def __init__(self, source, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, shuffle_buffer: int = 256):
+                 shuffle: bool = True, shuffle_buffer: int = 256, resampled: bool = False,
+                 weights: Sequence[float] = (), num_samples: int = 0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.kind, self.items = resolve_source(source)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
+        self.resampled, self.nominal = resampled, num_samples
+        if resampled and self.kind != "shards":
+            raise ValueError("resampling draws shards: the source must be WebDataset shards")
+        self.weights = None
+        if weights:
+            groups = expand_shard_groups(str(source)) if self.kind == "shards" else []
+            if len(groups) != len(weights):
+                raise ValueError(f"{len(weights)} source weights for {len(groups)} '::'-separated shard sources")
+            if not resampled:
+                raise ValueError("source weights need resampling (data.resampled: true)")
+            self.weights = [float(w) for w, g in zip(weights, groups) for _ in g]  # open_clip: per shard
         self.set_epoch(0)
 
     def num_samples(self) -> int | None:
-        """Samples per epoch over all ranks before skips; for shards read from the writer's
-        ``stats.json`` beside them (:mod:`mae.shards`) (None when it is absent or does not list every shard)."""
+        """Samples per (nominal) epoch over all ranks before skips: ``num_samples`` if given, else
+        the records, or for shards the writers' statistics (our ``stats.json`` or img2dataset's
+        ``*_stats.json``, :func:`mae.shards.shard_sample_count`); None when unknown."""
+        if self.nominal:
+            return self.nominal
         return len(self.items) if self.kind == "records" else shard_sample_count(self.items)
 
     def set_epoch(self, epoch: int, start: dict[int, int] | None = None, first_worker: int = 0) -> None:
@@ -90,14 +110,18 @@ class ShardedImageSource(IterableDataset):
         """This (rank, worker)'s raw records for the current epoch, before decoding."""
         vid, workers = self._place()
         parts, part = self.world_size * workers, self.rank * workers + vid
-        order = self._order()
-        if self.kind == "records":
-            yield from order[part::parts]
-            return
-        if len(order) >= parts:
-            stream = self._read_shards(order[part::parts])
+        if self.resampled:  # epoch-free: shards drawn with replacement, a stream per (epoch, part)
+            rng = random.Random(f"{self.seed}:{self.epoch}:{part}:resampled")
+            stream = self._read_shards(rng.choices(self.items, self.weights)[0] for _ in itertools.count())
         else:
-            stream = (s for i, s in enumerate(self._read_shards(order)) if i % parts == part)
+            order = self._order()
+            if self.kind == "records":
+                yield from order[part::parts]
+                return
+            if len(order) >= parts:
+                stream = self._read_shards(order[part::parts])
+            else:
+                stream = (s for i, s in enumerate(self._read_shards(order)) if i % parts == part)
         if not self.shuffle or self.shuffle_buffer <= 1:
             yield from stream
             return
@@ -114,7 +138,7 @@ class ShardedImageSource(IterableDataset):
         yield from buf
 
     @staticmethod
-    def _read_shards(urls: list[str]) -> Iterator[dict]:
+    def _read_shards(urls: Iterable[str]) -> Iterator[dict]:
         """Samples of the shards in turn. A shard that cannot be read to its end yields one broken
         record standing for the samples it lost: its ``stats.json`` count minus those read (or 1
         when the count is unknown)."""
@@ -206,7 +230,7 @@ def batch_position(samples: list[dict]) -> dict:
 
 
 def build_image_dataset(source, transform, rank: int = 0, world_size: int = 1, seed: int = 0,
-                        shuffle: bool = True, shuffle_buffer: int = 256) -> ImageDataset:
+                        shuffle: bool = True, shuffle_buffer: int = 256, **stream) -> ImageDataset:
     """Stage-1 image stream yielding ``{"image": tensor, "n_skipped", ...}`` (see :class:`ShardedImageSource`).
 
     Args:
@@ -217,6 +241,7 @@ def build_image_dataset(source, transform, rank: int = 0, world_size: int = 1, s
         seed: shuffling seed; ``set_epoch(e)`` reshuffles with ``seed + e``.
         shuffle: permute files/shards each epoch (and buffer-shuffle shard samples).
         shuffle_buffer: in-worker buffer size for shard samples.
+        stream: ``resampled``, ``weights``, ``num_samples`` (:class:`ShardedImageSource`).
     """
     return ImageDataset(source, transform, rank=rank, world_size=world_size, seed=seed,
-                        shuffle=shuffle, shuffle_buffer=shuffle_buffer)
+                        shuffle=shuffle, shuffle_buffer=shuffle_buffer, **stream)

@@ -21,20 +21,45 @@ SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 # ----------------------------------------------------------------------------- reading
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "sftp://", "ftps://", "scp://")
+
+
+def is_remote(url: str) -> bool:
+    """A shard URL that is not a local file: ``pipe:CMD`` (whose stdout is the tar, e.g. ``pipe:aws
+    s3 cp s3://bucket/000001.tar -``) or a URL webdataset's ``gopen`` opens (http via curl)."""
+    return url.startswith(REMOTE_PREFIXES)
+
+
 def expand_shards(source: str) -> list[str]:
-    """Shard paths for a brace pattern, a single ``.tar`` or a folder of ``.tar`` (sorted)."""
+    """Shard URLs for a brace pattern, a single ``.tar``, a folder of ``.tar`` (sorted), or several
+    of these joined by ``::`` (open_clip's mixing syntax; concatenated in order). Local shards must
+    exist; remote ones (:func:`is_remote`) are opened when read."""
+    return [u for group in expand_shard_groups(source) for u in group]
+
+
+def expand_shard_groups(source: str) -> list[list[str]]:
+    """One list of shard URLs per ``::``-separated source (see :func:`expand_shards`)."""
     import braceexpand
 
-    if os.path.isdir(source):
-        shards = sorted(str(p) for p in Path(source).glob("*.tar"))
-    else:
-        shards = list(braceexpand.braceexpand(source))
-    if not shards:
-        raise ValueError(f"no .tar shards in {source}")
-    missing = [s for s in shards if not os.path.isfile(s)]
-    if missing:
-        raise FileNotFoundError(f"shard not found: {missing[0]} ({len(missing)} of {len(shards)} missing)")
-    return shards
+    groups = []
+    for part in source.split("::"):
+        part = part.strip()
+        if not is_remote(part) and os.path.isdir(part):
+            shards = sorted(str(p) for p in Path(part).glob("*.tar"))
+        else:
+            shards = list(braceexpand.braceexpand(part))
+        if not shards:
+            raise ValueError(f"no .tar shards in {part}")
+        missing = [s for s in shards if not is_remote(s) and not os.path.isfile(s)]
+        if missing:
+            raise FileNotFoundError(f"shard not found: {missing[0]} ({len(missing)} of {len(shards)} missing)")
+        groups.append(shards)
+    return groups
+
+
+def looks_like_shards(source: str) -> bool:
+    """Whether a source string names shards (pattern, ``.tar``, remote URL or a ``::`` mix)."""
+    return "::" in source or "{" in source or source.endswith(".tar") or is_remote(source)
 
 
 def iter_shard_samples(url: str) -> Iterator[dict]:
@@ -47,18 +72,26 @@ def iter_shard_samples(url: str) -> Iterator[dict]:
 
 
 def shard_sample_count(urls: list[str]) -> int | None:
-    """Samples in ``urls`` according to the ``stats.json`` in their folders (None if one is unknown)."""
+    """Samples in ``urls`` from the writers' statistics beside them (None if one is unknown): our
+    ``stats.json`` (``shards``, ``shard_samples``), or img2dataset's per-shard ``{name}_stats.json``
+    (``successes``). Remote shards are unknown (set ``data.num_samples``)."""
     total, cache = 0, {}
     for url in urls:
+        if is_remote(url):
+            return None
         folder, name = os.path.split(url)
         if folder not in cache:
             try:
                 stats = json.loads(Path(folder or ".", STATS_FILE).read_text())
                 cache[folder] = dict(zip(stats["shards"], stats["shard_samples"]))
             except (OSError, ValueError, KeyError, TypeError):
-                return None
+                cache[folder] = {}
         if name not in cache[folder]:
-            return None
+            try:  # img2dataset: 00000.tar + 00000_stats.json
+                n = json.loads(Path(folder or ".", name[:-len(".tar")] + "_stats.json").read_text())["successes"]
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+            cache[folder][name] = int(n)
         total += cache[folder][name]
     return total
 

@@ -125,10 +125,12 @@ def test_sources_yield_all_samples_with_right_content(manifest, rows, subset, sh
     assert len(imgs) == 12 and all(t.shape == (3, 48, 48) for t in imgs)
 
 
-@pytest.mark.parametrize("source", ["manifest", "shards", "few_shards"])
+@pytest.mark.parametrize("source", ["manifest", "shards", "few_shards", "pipe", "mixed"])
 def test_epoch_covers_every_sample_once_over_2_ranks_x_2_workers(source, subset, shard_dir):
     src = {"manifest": subset, "shards": str(shard_dir),  # 6 shards >= 4 parts: split shards
-           "few_shards": str(shard_dir / "{000000..000002}.tar")}[source]  # 3 < 4: round robin
+           "few_shards": str(shard_dir / "{000000..000002}.tar"),  # 3 < 4: round robin
+           "pipe": f"pipe:cat {shard_dir}/{{000000..000005}}.tar",  # as 'pipe:aws s3 cp s3://... -'
+           "mixed": f"{shard_dir}/{{000000..000002}}.tar::pipe:cat {shard_dir}/{{000003..000005}}.tar"}[source]
     expected = [r["key"] for r in subset] if source != "few_shards" else [r["key"] for r in subset[:21]]
     parts = []
     for rank in range(2):
@@ -412,3 +414,69 @@ def test_stream_resumes_mid_epoch_without_decoding_what_was_consumed(subset):
     ds.set_epoch(2, start={0: full[9][0]})
     rest = [(s["pos"], s["image"].item()) for s in ds]
     assert rest == full[10:]
+
+
+def test_resampled_streams_draw_shards_with_replacement_by_weight(shard_dir, subset):
+    """2 ranks x 2 workers, each an endless stream of whole shards drawn with replacement: the
+    same seed draws the same, parts differ, and the '::' sources' weights set the shares."""
+    key_shard = {r["key"]: i // 7 for i, r in enumerate(subset)}  # shard_size 7
+    mixed = f"{shard_dir}/{{000000..000002}}.tar::{shard_dir}/{{000003..000005}}.tar"
+
+    def take(rank, n, **kw):
+        ds = build_pair_dataset(mixed, worker_id, rank=rank, world_size=2, seed=3, resampled=True, **kw)
+        loader = DataLoader(ds, batch_size=5, num_workers=2, collate_fn=as_list)
+        out = []
+        for batch in loader:
+            out += batch
+            if len(out) >= n:
+                return out
+
+    a, b = take(0, 400, weights=(1.0, 3.0)), take(0, 400, weights=(1.0, 3.0))
+    assert [s["key"] for s in a] == [s["key"] for s in b]  # deterministic
+    other = take(1, 400, weights=(1.0, 3.0))
+    assert [s["key"] for s in a] != [s["key"] for s in other]
+    by_worker = {w: [s["key"] for s in a if s["image"].item() == w] for w in (0, 1)}
+    assert by_worker[0] and by_worker[1] and by_worker[0][:20] != by_worker[1][:20]
+    second = [key_shard[s["key"]] >= 3 for s in a + other]
+    assert 0.62 < sum(second) / len(second) < 0.88  # weight 3 of 4 (per shard, both sources 3 shards)
+    assert len({s["key"] for s in a}) < len(a)  # with replacement: repeats
+    ds = build_pair_dataset(mixed, worker_id, resampled=True, num_samples=1000)
+    assert ds.num_samples() == 1000  # the nominal epoch
+    first = [s["key"] for s, _ in zip(ds, range(30))]
+    ds.set_epoch(0, start={0: 12})  # resumed after 12 samples: the same endless stream goes on
+    assert [s["key"] for s, _ in zip(ds, range(18))] == first[12:]
+    with pytest.raises(ValueError, match="need resampling"):
+        build_pair_dataset(mixed, worker_id, weights=(1.0, 3.0))
+    with pytest.raises(ValueError, match="2 '::'-separated"):
+        build_pair_dataset(mixed, worker_id, resampled=True, weights=(1.0,))
+
+
+def test_img2dataset_stats_and_remote_shards_give_the_epoch_size(shard_dir, tmp_path):
+    """img2dataset writes {shard}_stats.json beside each shard; remote shards have no size unless set."""
+    for i, n in enumerate([7, 5]):
+        shutil.copy(shard_dir / f"{i:06d}.tar", tmp_path / f"{i:05d}.tar")
+        (tmp_path / f"{i:05d}_stats.json").write_text(json.dumps({"count": n + 1, "successes": n}))
+    assert build_image_dataset(str(tmp_path), nothing).num_samples() == 12
+    remote = build_image_dataset(f"pipe:cat {shard_dir}/{{000000..000001}}.tar", nothing)
+    assert remote.num_samples() is None and sum(1 for _ in remote) == 14
+    assert build_image_dataset(f"pipe:cat {shard_dir}/000000.tar", nothing, num_samples=70).num_samples() == 70
+
+
+def test_csv_and_tsv_tables_are_caption_sources(tmp_path, subset):
+    """open_clip's --csv-* layout: an image column and one caption column per language."""
+    import csv
+
+    for ext, delim in (("csv", ","), ("tsv", "\t")):
+        table = tmp_path / f"pairs.{ext}"
+        with open(table, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f, delimiter=delim)
+            w.writerow(["filepath", "en", "ko"])
+            for r in subset[:5]:
+                w.writerow([r["path"], r["en"], r["ko"]])
+            w.writerow([subset[5]["path"], "only english, with, commas", ""])
+        items = list(build_pair_dataset(str(table), nothing, shuffle=False))
+        assert [it["captions"] for it in items[:5]] == [{"en": [r["en"]], "ko": [r["ko"]]} for r in subset[:5]]
+        assert items[5]["captions"] == {"en": ["only english, with, commas"]} and items[5]["n_dropped"] == 1
+    (tmp_path / "bad.csv").write_text("name,en\nx.png,hello\n")
+    with pytest.raises(ValueError, match="no image column"):
+        build_pair_dataset(str(tmp_path / "bad.csv"), nothing)
