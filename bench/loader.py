@@ -19,6 +19,12 @@ core of the default training path (``augment.impl`` of ``configs/clip.yaml``).
     python bench/loader.py --photos ../shared/data/photos --size 256 --seconds 20
     python bench/loader.py --photos ../shared/data/photos --size 512 --workers 8 --device cuda
 
+``--train-steps N`` instead trains the ``configs/clip.yaml`` model (ViT-B/32 + 12 x 512 text
+tower, its multi-crop and captions; AdamW, ``--precision``) for N steps on the photo shards read
+endlessly (``data.resampled``) by ``--workers`` DataLoader workers, per implementation, and reports
+the share of step time spent waiting for data, the step time and MFU (``launch.perf``). It is the
+training step without DeepSpeed (one device), so it runs where DeepSpeed is not installed.
+
 Without the photo folder it exits 0 with a message (nothing to measure).
 """
 from __future__ import annotations
@@ -129,6 +135,63 @@ def measure(cfg, impl: str, shards: str, tokenizer, batch: int, workers: int, se
             "batch_bytes": _nbytes(first["images"])}
 
 
+def train(cfg, impl: str, shards: str, tokenizer, batch: int, workers: int, steps: int, device: str,
+          precision: str, warmup: int = 10) -> dict:
+    """``steps`` training steps of the configured CLIP fed by the real stream; data wait and MFU."""
+    import contextlib
+    from dataclasses import replace
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clip.augment import build_multicrop, finish_images
+    from clip.data import CaptionCollate, build_pair_dataset
+    from clip.loss import ClipLoss
+    from clip.model import CLIP
+    from clip.text import text_config_for
+    from launch.loop import to_device
+    from launch.perf import peak_tflops
+
+    dev = torch.device(device)
+    aug = replace(cfg.augment, impl=impl)
+    model = CLIP(replace(cfg.model, text=text_config_for(cfg.model.text, tokenizer))).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    loss_fn = ClipLoss()
+    ds = build_pair_dataset(shards, build_multicrop(aug), languages=cfg.data.languages, resampled=True)
+    collate = CaptionCollate(tokenizer, cfg.data.languages, mode=cfg.data.caption_mode,
+                             context_length=cfg.model.text.context_length)
+    loader = iter(torch.utils.data.DataLoader(ds, batch_size=batch, collate_fn=collate, num_workers=workers,
+                                              pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None))
+    cast = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    wait = total = 0.0
+    flops = None
+    for step in range(steps):
+        t0 = time.perf_counter()
+        b = to_device(next(loader), dev)
+        t1 = time.perf_counter()
+        with cast:
+            counter = FlopCounterMode(display=False) if flops is None else contextlib.nullcontext()
+            with counter:
+                img, txt, scale = model(finish_images(b["images"], aug), b["tokens"], b["text_mask"])
+                loss = loss_fn(img, txt, b["text_mask"], scale)
+            if flops is None:
+                flops = 3.0 * counter.get_total_flops() / batch
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()  # the step's end (a sync, as the trainer's loss check)
+        t2 = time.perf_counter()
+        if step >= warmup:
+            wait, total = wait + (t1 - t0), total + (t2 - t0)
+    n = max(1, steps - warmup)
+    peak, src = peak_tflops(dev)
+    sps = n * batch / total
+    return {"impl": impl, "data_wait_share": wait / total, "step_s": total / n, "samples_per_s": sps,
+            "mfu": flops * sps / (peak * 1e12), "peak": src,
+            "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")}
+
+
 def _nbytes(images) -> int:
     if isinstance(images, dict):
         return sum(v.numel() * v.element_size() for v in images.values())
@@ -146,6 +209,8 @@ def main() -> None:
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "clip.yaml"))
     ap.add_argument("--device", default="cpu", help="where finish_images runs (cuda for the GPU path)")
+    ap.add_argument("--train-steps", type=int, default=0, help="train the configured CLIP this many steps per impl")
+    ap.add_argument("--precision", default="bf16", choices=("fp32", "bf16"), help="with --train-steps")
     args = ap.parse_args()
     if not os.path.isdir(args.photos):
         print(f"skipped: no photo folder at {args.photos} (pass --photos DIR)")
@@ -167,6 +232,16 @@ def main() -> None:
               f"{a.global_crops} x {a.global_size} + {a.local_crops} x {a.local_size} px crops, captions "
               f"{list(cfg.data.languages)} ({cfg.data.caption_mode}), tokenizer {tok_src}; batch {args.batch_size}, "
               f"workers {args.workers}, {args.seconds:g} s each, torch {torch.__version__}")
+        if args.train_steps:
+            print(f"{'impl':12s} {'data wait':>9s} {'step s':>7s} {'samples/s':>10s} {'MFU':>6s} {'peak GiB':>8s}"
+                  f"  ({args.precision}, batch {args.batch_size}, {args.workers} workers, {args.train_steps} steps, "
+                  f"first 10 not timed, {args.device})", flush=True)
+            for impl in args.impls:
+                r = train(cfg, impl, str(tmp / "shards"), tok, args.batch_size, args.workers, args.train_steps,
+                          args.device, args.precision)
+                print(f"{impl:12s} {100 * r['data_wait_share']:8.1f}% {r['step_s']:7.3f} {r['samples_per_s']:10.1f} "
+                      f"{100 * r['mfu']:5.1f}% {r['peak_mem_gib']:8.1f}  (peak: {r['peak']})", flush=True)
+            return
         rows = {}
         for impl in args.impls:
             rows[impl] = measure(cfg, impl, str(tmp / "shards"), tok, args.batch_size, args.workers, args.seconds,
