@@ -43,13 +43,19 @@ def load_rgb(src: str | os.PathLike | bytes) -> Image.Image:
     fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src
     with Image.open(fp) as img:
         img.load()  # decode now: truncated data raises here, not later in a transform
-        if img.getexif().get(0x0112, 1) != 1:  # camera JPEGs: apply the EXIF orientation
-            img = ImageOps.exif_transpose(img)
-        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-            rgba = img.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return img.convert("RGB")
+        return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An opened image of any mode (P, RGBA, LA, L, CMYK, ...) as :func:`load_rgb` returns it: the
+    EXIF orientation applied, transparency flattened onto white, converted to RGB."""
+    if img.getexif().get(0x0112, 1) != 1:  # camera JPEGs: apply the EXIF orientation
+        img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 def mae_transform(
