@@ -207,3 +207,26 @@ def load_openai_clip(path: str | os.PathLike, act_layer: str = "quick_gelu", tex
     model = CLIP(cfg)
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def init_from_openai(model: CLIPConfig, path: str | os.PathLike) -> tuple[CLIPConfig, dict[str, torch.Tensor]] | None:
+    """For ``--init``: None unless ``path`` is an OpenAI-layout checkpoint file; else ``(model
+    config, state dict under our names)``: ``model`` with the checkpoint's sizes, ``ln_pre``, eps
+    1e-5 and class-token pooling; the activations and the tokenizer's vocabulary and ids stay
+    ``model``'s (the weights do not record the activation). Every problem is one ValueError."""
+    where = os.fspath(path)
+    if os.path.isdir(where):
+        return None
+    raw = read_state_dict(where)
+    if not is_openai_layout(raw):
+        return None
+    found = config_from_state(raw, model.text.act_layer, model.text, where=where)
+    if found.text.vocab_size != model.text.vocab_size:
+        raise ValueError(f"{where}: token_embedding has {found.text.vocab_size} rows but the tokenizer has "
+                         f"{model.text.vocab_size} tokens: use the checkpoint's own tokenizer (python -m tokenizer.hf_import)")
+    cfg = replace(model, vision=replace(found.vision, act_layer=model.vision.act_layer), text=found.text,
+                  embed_dim=found.embed_dim, vision_pool="token")
+    state = from_openai_layout(raw, where)
+    with torch.device("meta"):
+        check_state(CLIP(cfg), state, where)
+    return cfg, state
