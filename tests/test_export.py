@@ -161,12 +161,12 @@ def test_export_errors_are_one_line(tmp_path, capsys, tiny_tokenizer_dir):
 
 # ----------------------------------------------------------------------------- OpenAI-layout import
 
-def _open_clip_vit_b32(tmp_path, quick_gelu: bool):
+def _open_clip_vit_b32(tmp_path, quick_gelu: bool, vocab_size: int = 2000):
     """open_clip's ViT-B-32 config (its layout: ln_pre, class token, QuickGELU or GELU, eps 1e-5),
     shrunk in width and depth; random weights with perturbed biases and norms."""
     cfg = json.loads((open_clip.factory._MODEL_CONFIG_PATHS[0] / "ViT-B-32.json").read_text())
     cfg["vision_cfg"].update(layers=2, width=128, image_size=64)
-    cfg["text_cfg"].update(layers=2, width=128, heads=2, vocab_size=2000, context_length=32)
+    cfg["text_cfg"].update(layers=2, width=128, heads=2, vocab_size=vocab_size, context_length=32)
     cfg.update(embed_dim=64, quick_gelu=quick_gelu)
     name = f"tiny-ViT-B-32{'-quickgelu' if quick_gelu else ''}"
     (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
@@ -234,3 +234,52 @@ def test_import_errors_are_one_line(tmp_path):
         with pytest.raises(ValueError, match=expected) as e:
             load_openai_clip(tmp_path / path)
         assert "\n" not in str(e.value)
+
+
+def test_init_from_openai_layout_with_an_hf_tokenizer(tmp_path, data_dir, capsys):
+    """KELIP's case: OpenAI-layout weights + an HF BPE with [PAD] and <s> / </s>, imported with explicit
+    SOT / EOT / PAD; ``--init`` resolves the run to the checkpoint's towers and loads them exactly."""
+    from dataclasses import replace
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from launch.config import ConfigError, load_config
+    from launch.train_clip import CLIPRunConfig, resolve
+    from tokenizer import BilingualTokenizer
+    from tokenizer.hf_import import main as import_main
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    lines = [line for f in ("en.txt", "ko.txt") for line in open(data_dir / "corpus" / f, encoding="utf-8")][::8]
+    hf.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=1500, special_tokens=["<s>", "[PAD]", "</s>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    (tmp_path / "hf").mkdir()
+    hf.save(str(tmp_path / "hf" / "tokenizer.json"))
+    argv = ["--hf", str(tmp_path / "hf"), "--sot", "<s>", "--eot", "</s>", "--out", str(tmp_path / "tok")]
+    assert import_main(argv + ["--pad", "<pad>"]) == 2 and "no token '<pad>'" in capsys.readouterr().err
+    assert import_main(argv + ["--pad", "[PAD]"]) == 0
+    tok = BilingualTokenizer.from_dir(tmp_path / "tok")
+    assert (tok.sot_id, tok.pad_id, tok.eot_id) == (0, 1, 2)
+    ids = hf.encode("a dog").ids
+    assert tok(["a dog"], context_length=8)[0].tolist() == [0, *ids, 2] + [1] * (6 - len(ids))  # [SOT] .. [EOT] [PAD]..
+
+    ref = _open_clip_vit_b32(tmp_path, True, tok.vocab_size)
+    torch.save(ref.state_dict(), tmp_path / "w.pt")
+    cfg = load_config(CLIPRunConfig, str(data_dir.parent / "configs" / "clip_tiny.yaml"))
+    quick = replace(cfg.model, vision=replace(cfg.model.vision, act_layer="quick_gelu"),
+                    text=replace(cfg.model.text, act_layer="quick_gelu"))
+    cfg = replace(cfg, model=quick, data=replace(cfg.data, tokenizer=str(tmp_path / "tok")))
+    resolved, _, _, init = resolve(cfg, str(tmp_path / "w.pt"))
+    assert init.target == "clip" and resolved.model.vision_pool == "token" and resolved.model.vision.pre_norm
+    assert (resolved.model.text.eot_id, resolved.model.text.pad_id, resolved.model.text.context_length) == (2, 1, 32)
+    model = CLIP(resolved.model).eval()
+    model.load_state_dict(init.state, strict=True)  # what launch/train_clip.py's main does with it
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (ref.encode_image(x) - model.encode_image(x, normalize=False)).abs().max() <= 1e-5
+    other = BilingualTokenizer.from_hf(tmp_path / "hf", "<s>", "</s>", "[PAD]")
+    other._tokenizer.add_tokens(["extra-token"])
+    other.vocab_size += 1
+    other.save(tmp_path / "tok2")
+    with pytest.raises(ConfigError, match="token_embedding has .* rows but the tokenizer has"):
+        resolve(replace(cfg, data=replace(cfg.data, tokenizer=str(tmp_path / "tok2"))), str(tmp_path / "w.pt"))
