@@ -24,13 +24,15 @@ def _read_json(p: Path):
 
 
 def load_model_and_tokenizer(checkpoint: str, tokenizer_dir: str | None = None, device="cpu"):
-    """A CLIP from ``clip_ckpt.pt`` or a run folder, and its tokenizer (default: ``tokenizer/`` beside it)."""
+    """A CLIP from ``clip_ckpt.pt``, a run folder or a safetensors folder, and its tokenizer (default:
+    ``tokenizer/`` beside the checkpoint, or inside the folder)."""
     from clip.model import load_clip
     from tokenizer import BilingualTokenizer
 
-    path = Path(checkpoint)
-    ckpt = _existing(path / "clip_ckpt.pt" if path.is_dir() else path, "CLIP checkpoint")
-    tok_dir = Path(tokenizer_dir) if tokenizer_dir else ckpt.parent / "tokenizer"
+    from clip.api import locate
+
+    ckpt, default_tok = locate(checkpoint)  # a run folder, a checkpoint file or a safetensors folder
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir else default_tok
     try:
         tokenizer = BilingualTokenizer.from_dir(str(tok_dir))
     except FileNotFoundError as e:

@@ -98,14 +98,17 @@ class CLIP(nn.Module):
         past the cap where its gradient would be zero."""
         return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale).squeeze(0)
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) of any size divisible by the patch -> (B, E), L2-normalised."""
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Images (B, 3, H, W) of any size divisible by the patch -> (B, E), L2-normalised unless
+        ``normalize=False`` (then the projection itself, as open_clip's default returns)."""
         images = images.to(self.visual_proj.weight.dtype)  # pixels arrive in fp32 whatever the weights
-        return F.normalize(self.visual_proj(self.visual(images)), dim=-1)
+        x = self.visual_proj(self.visual(images))
+        return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) with an EOT in every row -> (B, E), L2-normalised."""
-        return F.normalize(self.text_proj(self.text(tokens)), dim=-1)
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Token ids (B, T) with an EOT in every row -> (B, E), L2-normalised unless ``normalize=False``."""
+        x = self.text_proj(self.text(tokens))
+        return F.normalize(x, dim=-1) if normalize else x
 
     def encode_crops(self, crops: list[torch.Tensor]) -> torch.Tensor:
         """V crop batches [(B, 3, H_v, W_v)] -> (V, B, E) in input order.
@@ -141,13 +144,18 @@ class CLIP(nn.Module):
         feats = self.encode_text(tokens.reshape(B * C, T))  # (B*C, E)
         return feats.reshape(B, C, -1) * text_mask[..., None].to(feats.dtype)  # (B, C, E)
 
-    def forward(self, crops: list[torch.Tensor], tokens: torch.Tensor,
+    def forward(self, crops: list[torch.Tensor] | torch.Tensor | None, tokens: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None):
-        """Returns ``(image_features (V, B, E), text_features (B, C, E), scale)`` for ClipLoss.
+        """Training: ``crops`` a list of crop batches -> ``(image_features (V, B, E), text_features
+        (B, C, E), scale)`` for ClipLoss; ``tokens`` is (B, C, T) (or (B, T) for one caption per
+        image), ``text_mask`` (B, C) marks the valid slots (default: all).
 
-        ``tokens`` is (B, C, T) (or (B, T) for one caption per image); ``text_mask`` (B, C)
-        marks the valid slots (default: all).
+        open_clip's call: ``model(images (B, 3, H, W), tokens (B, T))`` (either may be None) ->
+        ``(image_features (B, E), text_features (M, E), logit_scale.exp())``, L2-normalised.
         """
+        if not isinstance(crops, (list, tuple)):
+            return (None if crops is None else self.encode_image(crops),
+                    None if tokens is None else self.encode_text(tokens), self.scale())
         if tokens.ndim == 2:
             tokens = tokens[:, None]  # (B, 1, T)
         if text_mask is None:

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import partial
+from typing import Literal
 
 import torch
+from timm.layers import get_act_layer
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -41,6 +44,9 @@ class TextConfig:
     mlp_ratio: float = 4.0
     eot_id: int = 2
     pad_id: int = 0
+    # QuickGELU and LayerNorm eps: OpenAI CLIP's text tower (and KELIP's) uses QuickGELU.
+    act_layer: Literal["gelu", "quick_gelu"] = "gelu"
+    norm_eps: float = 1e-5
 
 
 def text_config_for(cfg: TextConfig, tokenizer) -> TextConfig:
@@ -64,11 +70,15 @@ class TextTransformer(nn.Module):
         D = cfg.embed_dim
         self.token_embedding = nn.Embedding(cfg.vocab_size, D)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.context_length, D))
+        if cfg.act_layer not in ("gelu", "quick_gelu"):
+            raise ValueError(f"TextConfig.act_layer must be 'gelu' or 'quick_gelu', got {cfg.act_layer!r}")
+        norm = nn.LayerNorm if cfg.norm_eps == 1e-5 else partial(nn.LayerNorm, eps=cfg.norm_eps)
+        act = nn.GELU if cfg.act_layer == "gelu" else get_act_layer(cfg.act_layer)
         self.blocks = nn.ModuleList(
-            [Block(D, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm)
+            [Block(D, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=norm, act_layer=act)
              for _ in range(cfg.depth)]
         )
-        self.norm = nn.LayerNorm(D)
+        self.norm = norm(D)
         self.grad_checkpointing = False
         self.init_weights()
 

@@ -24,6 +24,7 @@ from clip.data import CaptionCollate, CaptionMode, build_pair_dataset, split_row
 from clip.evaluate import evaluate_heldout
 from clip.loss import ClipLoss
 from clip.model import CLIP, CLIPConfig, load_visual_state, save_clip
+from clip.openai_layout import init_from_openai
 from clip.text import text_config_for
 from launch.cli import parse_run_args, start_run
 from launch.config import PROJECT_ROOT, ConfigError, GuardConfig, RunConfig, StreamConfig, TrainConfig, resolve_path
@@ -119,19 +120,41 @@ def split_sources(data: CLIPDataConfig):
     return source, None
 
 
+@dataclass(frozen=True)
+class InitState:
+    """What ``--init`` loads: ``visual`` (an MAE encoder into the image tower) or ``clip`` (a whole
+    CLIP from OpenAI's layout), and the state dict under our names."""
+
+    target: Literal["visual", "clip"]
+    state: dict
+
+
 def resolve(cfg: CLIPRunConfig, init: Optional[str]):
     """The run config as it will train: the text tower's vocabulary and special ids from the
-    tokenizer, the image tower's shape from the ``--init`` checkpoint (a config cannot disagree with
-    them). Returns ``(cfg, tokenizer, tokenizer folder, init state dict or None)``."""
+    tokenizer, the image tower's shape from the ``--init`` checkpoint (an MAE export; for a CLIP in
+    OpenAI's layout, both towers' shapes). A config cannot disagree with them. Returns ``(cfg,
+    tokenizer, tokenizer folder, InitState or None)``."""
     tok_dir = Path(resolve_path(cfg.data.tokenizer))
     tokenizer = load_tokenizer(tok_dir)
     model = replace(cfg.model, text=text_config_for(cfg.model.text, tokenizer))
     state = None
     if init:
         try:
-            vision, state = load_encoder_checkpoint(init)
+            found = init_from_openai(model, init)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"--init: {e}") from None
+        if found is not None:  # a whole CLIP in OpenAI's layout (OpenAI, open_clip ViT-B-32, KELIP)
+            if os.environ.get("RANK", "0") == "0":
+                print(f"note: model.vision, model.text sizes and model.vision_pool=token taken from {init}; activation "
+                      f"{model.vision.act_layer}/{model.text.act_layer} from the config (OpenAI's and KELIP's weights "
+                      "use quick_gelu: model.vision.act_layer=quick_gelu model.text.act_layer=quick_gelu)",
+                      file=sys.stderr)
+            return replace(cfg, model=found[0]), tokenizer, tok_dir, InitState("clip", found[1])
+        try:
+            vision, state = load_encoder_checkpoint(init)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"--init: {e} (--init takes an MAE encoder export or a CLIP checkpoint in "
+                              "OpenAI's / open_clip's layout)") from None
         if vision != model.vision:
             changed = [k for k in vision.__dataclass_fields__ if getattr(vision, k) != getattr(model.vision, k)]
             if os.environ.get("RANK", "0") == "0":
@@ -144,14 +167,15 @@ def resolve(cfg: CLIPRunConfig, init: Optional[str]):
             load_visual_state(tower, vision, state, init)
         except ValueError as e:
             raise ConfigError(f"--init: {e}") from None
-    return replace(cfg, model=model), tokenizer, tok_dir, state
+    return replace(cfg, model=model), tokenizer, tok_dir, (InitState("visual", state) if state is not None else None)
 
 
 def main(argv: list[str]) -> Path:
     args, cfg = parse_run_args(argv, CLIPRunConfig, __doc__.split("\n")[0],
                                str(PROJECT_ROOT / "configs" / "clip.yaml"),
                                options=(("--init", "mae_ckpt.pt from stage 1: initialises the image tower "
-                                                   "(and sets model.vision)"),))
+                                                   "(and sets model.vision); or a CLIP in OpenAI's / open_clip's "
+                                                   "layout: initialises both towers (and sets their sizes)"),))
     cfg, tokenizer, tok_dir, init_state = resolve(cfg, args.init)
     if cfg.train.compile and cfg.model.patch_dropout > 0 and cfg.train.grad_accum > 1 and cfg.accumulation == "cached":
         raise ConfigError("train.compile with model.patch_dropout and cached accumulation: the second forward must "
@@ -164,8 +188,10 @@ def main(argv: list[str]) -> Path:
 
     set_seed(cfg.train.seed)  # same initial weights on every rank
     model = CLIP(cfg.model)
-    if init_state is not None:
-        load_visual_state(model.visual, cfg.model.vision, init_state, args.init)
+    if init_state is not None and init_state.target == "clip":
+        model.load_state_dict(init_state.state, strict=True)  # shapes checked in resolve
+    elif init_state is not None:
+        load_visual_state(model.visual, cfg.model.vision, init_state.state, args.init)
     model.set_grad_checkpointing(cfg.train.grad_checkpointing)
     maybe_compile(model, cfg.train)
     set_seed(cfg.train.seed + dist.rank)  # different patch-dropout streams per rank

@@ -8,11 +8,15 @@ CLIP stage and the runtime import it from here.)
 
 An exported checkpoint is a dict ``{"format": TAG, "config": {...}, "model": state dict}`` with
 the tensors on the CPU; :func:`load_checkpoint` reads it with ``torch.load(weights_only=True)``,
-so a file holding arbitrary pickled objects is refused, never executed.
+so a file holding arbitrary pickled objects is refused, never executed. The same content can be
+a folder (:func:`save_pretrained`): ``model.safetensors`` (the weights, no pickle at all) and
+``config.json`` (``{"format": TAG, "config": {...}, ...}``), the Hugging Face ``save_pretrained``
+layout; :func:`load_checkpoint` reads either.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -22,6 +26,7 @@ import torch
 
 MAE_FORMAT = "enko-clip/mae-encoder/v1"
 CLIP_FORMAT = "enko-clip/clip/v1"
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 FORMAT_NAMES = {MAE_FORMAT: "an MAE encoder export (mae_ckpt.pt)", CLIP_FORMAT: "a CLIP checkpoint (clip_ckpt.pt)"}
 
 
@@ -75,13 +80,58 @@ def save_checkpoint(path: str | os.PathLike, fmt: str, config: Mapping[str, Any]
         torch.save(payload, f)
 
 
+def save_pretrained(folder: str | os.PathLike, fmt: str, config: Mapping[str, Any],
+                    state_dict: Mapping[str, torch.Tensor], extra: Mapping[str, Any] | None = None) -> None:
+    """Write ``folder/model.safetensors`` and then ``folder/config.json`` (``{"format": fmt, "config":
+    config, **extra}``), each atomically; the config is written last, so a folder with one is whole."""
+    from safetensors.torch import save
+
+    os.makedirs(folder, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    atomic_write_bytes(os.path.join(folder, WEIGHTS_FILE), save(tensors, metadata={"format": fmt}))
+    meta = {"format": fmt, "config": dict(config), **(extra or {})}
+    atomic_write_text(os.path.join(folder, CONFIG_FILE), json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+
+
+def is_pretrained(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a :func:`save_pretrained` folder or the ``model.safetensors`` in one."""
+    path = os.fspath(path)
+    return os.path.isfile(os.path.join(path, CONFIG_FILE)) or path.endswith(".safetensors")
+
+
+def _load_pretrained(path: str) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    weights = path if path.endswith(".safetensors") else os.path.join(folder, WEIGHTS_FILE)
+    for f in (os.path.join(folder, CONFIG_FILE), weights):
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"checkpoint file not found: {f}")
+    try:
+        with open(os.path.join(folder, CONFIG_FILE), encoding="utf-8") as f:
+            ckpt = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{folder}/{CONFIG_FILE}: not valid JSON ({e})") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{folder}/{CONFIG_FILE}: expected a JSON object")
+    try:
+        ckpt["model"] = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights}: not a readable safetensors file ({e})") from None
+    return ckpt
+
+
 def load_checkpoint(path: str | os.PathLike, fmt: str) -> dict:
-    """Read an exported checkpoint of format ``fmt`` with ``weights_only=True``.
+    """Read an exported checkpoint of format ``fmt``: a torch file with ``weights_only=True``, or a
+    :func:`save_pretrained` folder (or its ``model.safetensors``).
 
     Raises FileNotFoundError when it is missing and ValueError (one line naming the file) when
     it is not a weights-only torch file, holds another format, or lacks ``config`` / ``model``.
     """
     path = os.fspath(path)
+    if is_pretrained(path):
+        return _check(_load_pretrained(path), path, fmt)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -90,6 +140,10 @@ def load_checkpoint(path: str | os.PathLike, fmt: str) -> dict:
         kind = "holds objects other than tensors" if "weights_only" in str(e).lower() or "Unsupported global" in str(e) \
             else f"is not a torch checkpoint ({type(e).__name__})"
         raise ValueError(f"{path}: not loadable with weights_only=True: it {kind}; refusing to load it") from None
+    return _check(ckpt, path, fmt)
+
+
+def _check(ckpt, path: str, fmt: str) -> dict:
     found = ckpt.get("format") if isinstance(ckpt, dict) else None
     if found != fmt:
         if found in FORMAT_NAMES:

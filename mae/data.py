@@ -50,8 +50,9 @@ def load_rgb(src: str | os.PathLike | bytes) -> Image.Image:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """A decoded image as RGB: EXIF orientation applied, any transparency flattened onto white.
-    The one rule for every image the models see (training loaders, evaluation, ``preprocess``)."""
+    """An opened image of any mode (P, RGBA, LA, L, CMYK, ...) as :func:`load_rgb` returns it: the
+    EXIF orientation applied, transparency flattened onto white, converted to RGB. The one rule for
+    every image the models see (training loaders, the fast crops, evaluation, ``preprocess``)."""
     if img.getexif().get(0x0112, 1) != 1:  # camera JPEGs: apply the EXIF orientation
         img = ImageOps.exif_transpose(img)
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:

@@ -10,9 +10,11 @@ Legend: B batch, L patches, D width (embed_dim), Gh x Gw patch grid.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
+from torch import nn
 from timm.layers import resample_abs_pos_embed
 from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import VisionTransformer as _TimmViT
@@ -29,6 +31,12 @@ class ViTConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
+    # OpenAI CLIP's ViT (and open_clip's ViT-B-32) differ from timm's default ViT in three settings:
+    # a LayerNorm before the blocks (`ln_pre`; timm's `pre_norm`, which also drops the patch-embed
+    # bias), LayerNorm eps 1e-5 instead of 1e-6, and QuickGELU in OpenAI's weights.
+    pre_norm: bool = False
+    norm_eps: float = 1e-6
+    act_layer: Literal["gelu", "quick_gelu"] = "gelu"
 
 
 Pool = Literal["token", "avg"]  # the cls output, or the mean of the patch outputs
@@ -40,6 +48,21 @@ def run_blocks(blocks, x: torch.Tensor, checkpointing: bool = False, **kw) -> to
     for blk in blocks:
         x = checkpoint(blk, x, use_reentrant=False, **kw) if checkpointing and torch.is_grad_enabled() else blk(x, **kw)
     return x
+
+
+def tower_options(cfg: ViTConfig) -> dict:
+    """timm keyword arguments for the non-default settings only, so a default config builds exactly
+    timm's default ViT (norm layer, activation, patch-embed bias)."""
+    if cfg.act_layer not in ("gelu", "quick_gelu"):
+        raise ValueError(f"ViTConfig.act_layer must be 'gelu' or 'quick_gelu', got {cfg.act_layer!r}")
+    kw = {}
+    if cfg.pre_norm:
+        kw["pre_norm"] = True
+    if cfg.norm_eps != 1e-6:
+        kw["norm_layer"] = partial(nn.LayerNorm, eps=cfg.norm_eps)
+    if cfg.act_layer != "gelu":
+        kw["act_layer"] = cfg.act_layer
+    return kw
 
 
 class VisionTransformer(_TimmViT):
@@ -69,6 +92,7 @@ class VisionTransformer(_TimmViT):
             mlp_ratio=cfg.mlp_ratio,
             dynamic_img_size=True,  # 96 px crops get interpolated position embeddings
             patch_drop_rate=patch_drop_rate,
+            **tower_options(cfg),
         )
         self.cfg = cfg
 

@@ -59,13 +59,13 @@ def build_untrained_tokenizer(normalization: str = "nfc", lowercase: bool = True
     return tok
 
 
-def add_post_processor(tok: Tokenizer) -> None:
+def add_post_processor(tok: Tokenizer, sot_token: str = SOT_TOKEN, eot_token: str = EOT_TOKEN) -> None:
     """``[SOT] $A [EOT]`` (pairs: ``[SOT] $A [EOT] $B [EOT]``) using the trained ids."""
-    sot, eot = tok.token_to_id(SOT_TOKEN), tok.token_to_id(EOT_TOKEN)
+    sot, eot = tok.token_to_id(sot_token), tok.token_to_id(eot_token)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{SOT_TOKEN} $A {EOT_TOKEN}",
-        pair=f"{SOT_TOKEN} $A {EOT_TOKEN} $B:1 {EOT_TOKEN}:1",
-        special_tokens=[(SOT_TOKEN, sot), (EOT_TOKEN, eot)],
+        single=f"{sot_token} $A {eot_token}",
+        pair=f"{sot_token} $A {eot_token} $B:1 {eot_token}:1",
+        special_tokens=[(sot_token, sot), (eot_token, eot)],
     )
 
 
@@ -105,6 +105,33 @@ class BilingualTokenizer:
             raise ValueError(f"{path / META_FILE}: format {meta.get('format')!r}, expected {META_FORMAT!r}")
         return cls(Tokenizer.from_file(str(path / TOKENIZER_FILE)), meta)
 
+    @classmethod
+    def from_hf(cls, path: str | Path, sot_token: str, eot_token: str, pad_token: str,
+                context_length: int = CONTEXT_LENGTH) -> "BilingualTokenizer":
+        """Any Hugging Face fast tokenizer (a folder with ``tokenizer.json``, or the file) with the
+        start, end and padding tokens named explicitly, e.g. KELIP's (``<s>``, ``</s>``, ``[PAD]``) or
+        OpenAI CLIP's (``<|startoftext|>``, ``<|endoftext|>`` and a pad of your choice). Its
+        post-processor becomes ``[SOT] $A [EOT]``; normaliser, pre-tokeniser and vocabulary stay.
+        :meth:`save` then writes a folder that ``data.tokenizer`` and :meth:`from_dir` read."""
+        path = Path(path)
+        file = path / TOKENIZER_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {file} (save the HF tokenizer with "
+                                    "AutoTokenizer.from_pretrained(...).save_pretrained(DIR))")
+        tok = Tokenizer.from_file(str(file))
+        specials = {}
+        for name, token in (("pad", pad_token), ("sot", sot_token), ("eot", eot_token)):
+            tid = tok.token_to_id(token)
+            if tid is None:
+                raise ValueError(f"{file}: no token {token!r} for {name.upper()} in the vocabulary")
+            specials[name] = {"token": token, "id": tid}
+        tok.no_padding()
+        tok.no_truncation()
+        add_post_processor(tok, sot_token, eot_token)
+        meta = {"format": META_FORMAT, "special_tokens": specials, "context_length": int(context_length),
+                "source": f"Hugging Face tokenizer {file}"}
+        return cls(tok, meta)
+
     def save(self, path: str | Path) -> None:
         """Write ``tokenizer.json`` and ``tokenizer_meta.json`` into the folder ``path``."""
         path = Path(path)
@@ -127,7 +154,8 @@ class BilingualTokenizer:
 
     def normalize(self, text: str) -> str:
         """The text as the tokenizer sees it; ``decode(encode(text)) == normalize(text)``."""
-        return self._tokenizer.normalizer.normalize_str(text)
+        norm = self._tokenizer.normalizer
+        return norm.normalize_str(text) if norm is not None else text
 
     def encode(self, text: str) -> list[int]:
         """Content ids of one text, without special tokens, padding or truncation.
