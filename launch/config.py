@@ -87,6 +87,7 @@ class RunConfig:
     ckpt_every: int = 0  # 0 = only at the end
     keep_last: int = 2  # DeepSpeed checkpoints kept; older tags are deleted
     peak_tflops: float = 0.0  # the device's peak for train/mfu; 0 = known GPU table / measured CPU GEMM rate
+    wandb: bool = False  # also log to Weights & Biases (pip install wandb; offline unless WANDB_MODE=online)
 
     def __post_init__(self):
         if self.log_every < 1:

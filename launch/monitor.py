@@ -1,4 +1,6 @@
-"""Rank-0 reporting of a run: ``metrics.jsonl``, TensorBoard scalars and PNG curves."""
+"""Rank-0 reporting of a run: ``metrics.jsonl``, TensorBoard (scalars, the config as text and
+hyperparameters, images), optionally Weights & Biases (``run.wandb``; offline unless
+``WANDB_MODE`` says otherwise), PNG curves, and the start-of-run echo (config, parameter counts)."""
 from __future__ import annotations
 
 import io
@@ -21,13 +23,52 @@ class Monitor:
         resume: keep an existing ``metrics.jsonl`` and append to it (else it is replaced).
     """
 
-    def __init__(self, out_dir: Path, dist: Dist, resume: bool = False):
+    def __init__(self, out_dir: Path, dist: Dist, resume: bool = False, wandb: bool = False):
         self.active = dist.is_main
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / "metrics.jsonl"
         self.tb, self._tb_failed = None, False
+        self.wandb = None
         if self.active and not resume and self.path.exists():
             self.path.unlink()  # a fresh run (the trainer refuses a folder that holds one)
+        if self.active and wandb:
+            self.wandb = _start_wandb(self.out_dir, resume)
+
+    def start(self, cfg, model) -> None:
+        """Echo the resolved config and the parameter counts (stdout), and record the config in
+        TensorBoard (text + hyperparameters) and W&B."""
+        if not self.active:
+            return
+        from launch.config import dump_config, to_dict
+
+        text = dump_config(cfg)
+        counts = parameter_counts(model)
+        print(f"config ({self.out_dir / 'config.yaml'}):\n{text.rstrip()}")
+        print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
+        flat = _flatten(to_dict(cfg))
+        tb = self._writer()
+        if tb is not None:
+            tb.add_text("config", "```\n" + text + "```", 0)
+            hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat.items()}
+            tb.add_hparams(hp, {f"params/{k}": float(v) for k, v in counts.items()}, run_name=".")
+        if self.wandb is not None:
+            self.wandb.config.update({**flat, **{f"params/{k}": v for k, v in counts.items()}}, allow_val_change=True)
+
+    def image(self, tag: str, png: Path, step: int) -> None:
+        """A PNG written for the run (e.g. MAE reconstructions) into TensorBoard and W&B too."""
+        if not self.active:
+            return
+        tb = self._writer()
+        if tb is not None or self.wandb is not None:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(png) as im:
+                arr = np.asarray(im.convert("RGB"))
+            if tb is not None:
+                tb.add_image(tag, arr, step, dataformats="HWC")
+            if self.wandb is not None:
+                self.wandb.log({tag: self.wandb.Image(arr)}, step=step)
 
     def _writer(self, purge_step: Optional[int] = None):
         if self.tb is None and self.active and not self._tb_failed:
@@ -56,6 +97,8 @@ class Monitor:
         if tb is not None:
             for k, v in metrics.items():
                 tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(dict(metrics), step=step)
 
     def history(self) -> list[dict]:
         """The rows of ``metrics.jsonl``; lines that are not a whole JSON row (a torn write) are skipped."""
@@ -118,3 +161,43 @@ class Monitor:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def parameter_counts(model) -> dict[str, int]:
+    """Parameters per top-level child (``visual``, ``text``, ``encoder``, ...), then ``total`` and
+    ``trainable`` (as of now: a freeze window may hold some back at first)."""
+    counts = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
+    counts = {k: v for k, v in counts.items() if v}
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return counts
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _start_wandb(out_dir: Path, resume: bool):
+    """W&B for this run folder: offline by default (``WANDB_MODE=online`` to sync live, or ``wandb
+    sync`` later), one run id kept in the folder so a resumed job continues the same W&B run."""
+    from launch.config import ConfigError
+
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("run.wandb=true needs Weights & Biases: pip install wandb") from None
+    id_file = out_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if resume and id_file.exists() else wandb.util.generate_id()
+    atomic_write_text(id_file, run_id + "\n")
+    wandb.init(project=os.environ.get("WANDB_PROJECT", "enko-clip"), name=out_dir.name, id=run_id,
+               dir=str(out_dir), resume="allow", mode=os.environ.get("WANDB_MODE", "offline"))
+    return wandb

@@ -208,7 +208,8 @@ def main(argv: list[str]) -> Path:
     })
     engine, ds_cfg, schedule = build_engine(model, cfg.train, dist, freeze)
     out = prepare_run_dir(cfg.run, cfg, dist, {"ds_config.json": ds_cfg})
-    monitor = Monitor(out, dist, resume=args.resume)
+    monitor = Monitor(out, dist, resume=args.resume, wandb=cfg.run.wandb)
+    monitor.start(cfg, model)
     if dist.is_main and not (out / "tokenizer").exists():
         shutil.copytree(tok_dir, out / "tokenizer")
 

@@ -105,7 +105,8 @@ def main(argv: list[str]) -> Path:
     set_seed(cfg.train.seed + dist.rank)  # different masking streams per rank
     engine, ds_cfg, schedule = build_engine(model, cfg.train, dist)
     out = prepare_run_dir(cfg.run, cfg, dist, {"ds_config.json": ds_cfg})
-    monitor = Monitor(out, dist, resume=args.resume)
+    monitor = Monitor(out, dist, resume=args.resume, wandb=cfg.run.wandb)
+    monitor.start(cfg, model)
 
     enc = cfg.model.encoder
     dataset = build_image_dataset(
@@ -130,8 +131,9 @@ def main(argv: list[str]) -> Path:
     def visualise(step: int):
         if dist.is_main:
             if vis is not None:
-                save_recon_grid(engine.module, vis.to(dist.device), cfg.data.mean,
-                                cfg.data.std, step, out / "recon" / f"step_{step:07d}.png")
+                grid = out / "recon" / f"step_{step:07d}.png"
+                save_recon_grid(engine.module, vis.to(dist.device), cfg.data.mean, cfg.data.std, step, grid)
+                monitor.image("mae/reconstructions", grid, step)
             monitor.plot("loss.png", ["train/loss"], "MAE training loss", "norm-pix MSE on masked patches",
                          chance=1.0 if cfg.model.norm_pix_loss else None,
                          chance_label="predicting each patch's mean", labels={"train/loss": "train"})

@@ -1,0 +1,90 @@
+"""Run reporting: the start-of-run echo, TensorBoard (scalars, config text, hyperparameters,
+images) and the optional Weights & Biases logger (a recording stand-in: wandb is not a dependency)."""
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+from PIL import Image
+
+from launch.config import ConfigError, RunConfig, TrainConfig
+from launch.dist import Dist
+from launch.monitor import Monitor, parameter_counts
+
+MAIN = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+
+
+def _cfg():
+    from dataclasses import dataclass, field
+
+    @dataclass(frozen=True)
+    class Run:
+        train: TrainConfig = field(default_factory=TrainConfig)
+        run: RunConfig = field(default_factory=RunConfig)
+
+    return Run()
+
+
+def _model():
+    m = torch.nn.ModuleDict({"visual": torch.nn.Linear(4, 3), "text": torch.nn.Linear(2, 2)})
+    m["text"].weight.requires_grad_(False)
+    return m
+
+
+def test_parameter_counts():
+    assert parameter_counts(_model()) == {"visual": 15, "text": 6, "total": 21, "trainable": 17}
+
+
+def test_start_echo_and_tensorboard_records(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    mon = Monitor(tmp_path, MAIN)
+    mon.start(_cfg(), _model())
+    out = capsys.readouterr().out
+    assert f"config ({tmp_path / 'config.yaml'}):" in out and "micro_batch_size:" in out
+    assert "parameters: visual 0.00M, text 0.00M, total 0.00M, trainable 0.00M" in out
+    mon.log(3, {"train/loss": 1.5, "train/data_wait_share": 0.25})
+    png = tmp_path / "grid.png"
+    Image.new("RGB", (8, 6), (255, 0, 0)).save(png)
+    mon.image("mae/reconstructions", png, 3)
+    mon.close()
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "tensors": 0}).Reload()
+    assert [e.value for e in acc.Scalars("train/data_wait_share")] == [0.25]
+    img = acc.Images("mae/reconstructions")[0]
+    assert (img.step, img.width, img.height) == (3, 8, 6)
+    assert "config/text_summary" in acc.Tags()["tensors"]
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_wandb_logs_offline_and_resumes_the_same_run(tmp_path, monkeypatch):
+    calls = []
+    fake = types.ModuleType("wandb")
+    fake.util = types.SimpleNamespace(generate_id=lambda: "abc123")
+    fake.config = types.SimpleNamespace(update=lambda d, allow_val_change: calls.append(("config", d)))
+    fake.init = lambda **kw: calls.append(("init", kw))
+    fake.log = lambda d, step: calls.append(("log", step, sorted(d)))
+    fake.Image = lambda arr: ("image", arr.shape)
+    fake.finish = lambda: calls.append(("finish",))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+
+    mon = Monitor(tmp_path, MAIN, wandb=True)
+    mon.start(_cfg(), _model())
+    mon.log(2, {"train/loss": 1.0, "train/mfu": 0.3})
+    mon.close()
+    init = calls[0][1]
+    assert init["mode"] == "offline" and init["id"] == "abc123" and init["dir"] == str(tmp_path)
+    config = dict(calls[1][1])
+    assert config["train.micro_batch_size"] == TrainConfig().micro_batch_size and config["params/total"] == 21
+    assert calls[2] == ("log", 2, ["train/loss", "train/mfu"]) and calls[-1] == ("finish",)
+    fake.util.generate_id = lambda: "other"
+    Monitor(tmp_path, MAIN, resume=True, wandb=True)  # a resumed job continues the same W&B run
+    assert calls[-1][1]["id"] == "abc123"
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(ConfigError, match="pip install wandb"):
+        Monitor(tmp_path / "x", MAIN, wandb=True)
