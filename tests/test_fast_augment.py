@@ -180,3 +180,17 @@ def test_pair_stream_with_the_fast_path_counts_corrupt_images(tmp_path, data_dir
     tok = BilingualTokenizer.from_dir(tiny_tokenizer_dir)
     batch = CaptionCollate(tok, context_length=16)(items)
     assert isinstance(batch["images"], dict) and batch["images"]["pixels"].shape[0] == 2
+
+
+def test_fast_path_strong_augmentation_stays_uint8(data_dir):
+    data = (data_dir / "photos" / "chelsea.jpg").read_bytes()
+    weak, strong = FastMultiCrop(CFG), FastMultiCrop(MultiCropConfig(strong=True))
+    differ = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        a = weak(data)
+        torch.manual_seed(seed)
+        b = strong(data)
+        assert all(x.dtype == torch.uint8 and x.shape == y.shape for x, y in zip(a, b))
+        differ.append(not torch.equal(a[0], b[0]))
+    assert any(differ)
