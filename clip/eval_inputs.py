@@ -24,15 +24,16 @@ def _read_json(p: Path):
 
 
 def load_model_and_tokenizer(checkpoint: str, tokenizer_dir: str | None = None, device="cpu"):
-    """A CLIP from ``clip_ckpt.pt`` or a run folder, and its tokenizer (default: ``tokenizer/`` beside it)."""
+    """A CLIP from ``clip_ckpt.pt`` or a run folder, and its tokenizer (default: ``tokenizer/`` beside it;
+    our BPE, or the transformers tokenizer of a ``text_tower: hf`` run)."""
+    from clip.hf_text import load_text_tokenizer
     from clip.model import load_clip
-    from tokenizer import BilingualTokenizer
 
     path = Path(checkpoint)
     ckpt = _existing(path / "clip_ckpt.pt" if path.is_dir() else path, "CLIP checkpoint")
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else ckpt.parent / "tokenizer"
-    try:
-        tokenizer = BilingualTokenizer.from_dir(str(tok_dir))
+    try:  # ours (tokenizer_meta.json) or, for a transformers text tower, its own
+        tokenizer = load_text_tokenizer(str(tok_dir))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e} (pass --tokenizer DIR)") from None
     model = load_clip(str(ckpt), tokenizer=tokenizer.fingerprint).to(device).eval()

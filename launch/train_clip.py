@@ -23,8 +23,10 @@ from clip.augment import MultiCrop, MultiCropConfig
 from clip.data import CaptionCollate, CaptionMode, build_pair_dataset, split_rows
 from clip.evaluate import evaluate_heldout
 from clip.loss import ClipLoss
+from clip.hf_text import HFTokenizer
 from clip.model import CLIP, CLIPConfig, load_visual_state, save_clip
 from clip.text import text_config_for
+from clip.timm_vit import load_image_init
 from launch.cli import parse_run_args, start_run
 from launch.config import PROJECT_ROOT, ConfigError, GuardConfig, RunConfig, TrainConfig, resolve_path
 from launch.dist import barrier, set_seed
@@ -36,7 +38,6 @@ from launch.optim import (FreezeSchedule, autocast, build_engine, clamp_paramete
                           maybe_compile)
 from launch.stream import BatchStream
 from mae.data import eval_transform
-from mae.model import load_encoder_checkpoint
 from mae.vit import VisionTransformer
 from tokenizer import BilingualTokenizer
 
@@ -118,17 +119,35 @@ def split_sources(data: CLIPDataConfig):
     return source, None
 
 
+def load_hf_tokenizer(model: CLIPConfig) -> tuple[HFTokenizer, Path]:
+    """The tokenizer of ``model.hf_text.path`` (a transformers text tower reads its own captions)."""
+    folder = Path(resolve_path(model.hf_text.path)) if model.hf_text.path else Path("")
+    if not model.hf_text.path or not (folder / "config.json").is_file():
+        raise ConfigError(f"model.hf_text.path={model.hf_text.path!r}: not a local transformers model folder "
+                          "(config.json, weights, tokenizer files as save_pretrained writes them)")
+    try:
+        return HFTokenizer.from_dir(folder, model.text.context_length), folder
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise ConfigError(f"model.hf_text.path={folder}: {' '.join(str(e).split())}") from None
+
+
 def resolve(cfg: CLIPRunConfig, init: Optional[str]):
     """The run config as it will train: the text tower's vocabulary and special ids from the
-    tokenizer, the image tower's shape from the ``--init`` checkpoint (a config cannot disagree with
-    them). Returns ``(cfg, tokenizer, tokenizer folder, init state dict or None)``."""
-    tok_dir = Path(resolve_path(cfg.data.tokenizer))
-    tokenizer = load_tokenizer(tok_dir)
-    model = replace(cfg.model, text=text_config_for(cfg.model.text, tokenizer))
+    tokenizer (ours, or the transformers encoder's own with ``model.text_tower: hf``), the image
+    tower's shape from the ``--init`` checkpoint (an MAE export or a timm ViT state dict; a config
+    cannot disagree with them). Returns ``(cfg, tokenizer, tokenizer folder, init state dict or None)``."""
+    if cfg.model.text_tower == "hf":
+        tokenizer, tok_dir = load_hf_tokenizer(cfg.model)
+        model = replace(cfg.model, hf_text=replace(cfg.model.hf_text, path=str(tok_dir)))
+    else:
+        tok_dir = Path(resolve_path(cfg.data.tokenizer))
+        tokenizer = load_tokenizer(tok_dir)
+        model = cfg.model
+    model = replace(model, text=text_config_for(model.text, tokenizer))
     state = None
     if init:
         try:
-            vision, state = load_encoder_checkpoint(init)
+            vision, state, what = load_image_init(init, model.vision)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"--init: {e}") from None
         if vision != model.vision:
@@ -140,7 +159,7 @@ def resolve(cfg: CLIPRunConfig, init: Optional[str]):
         with torch.device("meta"):  # check every key and shape now, before any process work
             tower = VisionTransformer(vision, global_pool=model.vision_pool)
         try:
-            load_visual_state(tower, vision, state, init)
+            load_visual_state(tower, vision, state, init, what)
         except ValueError as e:
             raise ConfigError(f"--init: {e}") from None
     return replace(cfg, model=model), tokenizer, tok_dir, state
@@ -149,8 +168,9 @@ def resolve(cfg: CLIPRunConfig, init: Optional[str]):
 def main(argv: list[str]) -> Path:
     args, cfg = parse_run_args(argv, CLIPRunConfig, __doc__.split("\n")[0],
                                str(PROJECT_ROOT / "configs" / "clip.yaml"),
-                               options=(("--init", "mae_ckpt.pt from stage 1: initialises the image tower "
-                                                   "(and sets model.vision)"),))
+                               options=(("--init", "mae_ckpt.pt from stage 1, or a timm ViT state dict (.safetensors, "
+                                                   ".pt, .pth, .bin): initialises the image tower (and sets "
+                                                   "model.vision)"),))
     cfg, tokenizer, tok_dir, init_state = resolve(cfg, args.init)
     if cfg.train.compile and cfg.model.patch_dropout > 0 and cfg.train.grad_accum > 1 and cfg.accumulation == "cached":
         raise ConfigError("train.compile with model.patch_dropout and cached accumulation: the second forward must "
@@ -182,7 +202,10 @@ def main(argv: list[str]) -> Path:
     out = prepare_run_dir(cfg.run, cfg, dist, {"ds_config.json": ds_cfg})
     monitor = Monitor(out, dist, resume=args.resume)
     if dist.is_main and not (out / "tokenizer").exists():
-        shutil.copytree(tok_dir, out / "tokenizer")
+        if isinstance(tokenizer, HFTokenizer):
+            tokenizer.save(out / "tokenizer")  # the tokenizer files only, not the encoder's weights
+        else:
+            shutil.copytree(tok_dir, out / "tokenizer")
 
     collate = CaptionCollate(tokenizer, cfg.data.languages, mode=cfg.data.caption_mode, seed=cfg.train.seed + dist.rank,
                              context_length=cfg.model.text.context_length)
@@ -254,7 +277,7 @@ def main(argv: list[str]) -> Path:
     trainer.fit(hooks)
     trainer.save()
     if dist.is_main:
-        save_clip(net, out / "clip_ckpt.pt", tokenizer=tokenizer.fingerprint)
+        save_clip(net, out / "clip_ckpt.pt", tokenizer=tokenizer.fingerprint, languages=langs)
         if not hooks:
             monitor.plot("loss.png", ["train/loss"], "CLIP training loss", "symmetric InfoNCE",
                          chance=chance, labels={"train/loss": "train"})

@@ -29,6 +29,9 @@ class ViTConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
+    # A LayerNorm after the embeddings, before the blocks (timm's ``pre_norm``, OpenAI CLIP's
+    # ``ln_pre``); timm then builds the patch projection without a bias. Off for MAE towers.
+    pre_norm: bool = False
 
 
 Pool = Literal["token", "avg"]  # the cls output, or the mean of the patch outputs
@@ -69,6 +72,7 @@ class VisionTransformer(_TimmViT):
             mlp_ratio=cfg.mlp_ratio,
             dynamic_img_size=True,  # 96 px crops get interpolated position embeddings
             patch_drop_rate=patch_drop_rate,
+            pre_norm=cfg.pre_norm,
         )
         self.cfg = cfg
 
