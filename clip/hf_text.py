@@ -171,7 +171,12 @@ class HFTokenizer:
     def fingerprint(self) -> str:
         """First 16 hex digits of the sha256 of the tokenizer's pipeline (fast tokenizers) or vocabulary."""
         backend = getattr(self.tok, "backend_tokenizer", None)
-        text = backend.to_str() if backend is not None else json.dumps(self.tok.get_vocab(), sort_keys=True)
+        if backend is not None:  # without the padding / truncation state each call leaves behind
+            d = json.loads(backend.to_str())
+            d.pop("padding", None), d.pop("truncation", None)
+            text = json.dumps(d, sort_keys=True)
+        else:
+            text = json.dumps(self.tok.get_vocab(), sort_keys=True)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     def normalize(self, text: str) -> str:

@@ -42,3 +42,39 @@ def save_tiny_xlmr(folder: Path, hidden: int = 32, layers: int = 2, vocab_size: 
     XLMRobertaModel(cfg).save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder
+
+
+def save_tiny_marian(folder: Path, targets=("es", "ja", "hi"), seed: int = 0) -> Path:
+    """A random multi-target ``MarianMTModel`` whose vocabulary holds ``>>xx<<`` tokens for
+    ``targets``, with a ``MarianTokenizer`` over a small SentencePiece model trained here."""
+    import sentencepiece as spm
+    import torch
+    from transformers import MarianConfig, MarianMTModel, MarianTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    text = folder / "corpus.txt"
+    text.write_text("\n".join(corpus_lines(200)) + "\n", encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(folder / "sp"), vocab_size=400,
+                                   character_coverage=0.98, model_type="unigram", minloglevel=2)
+    text.unlink()
+    proc = spm.SentencePieceProcessor(model_file=str(folder / "sp.model"))
+    pieces = [proc.id_to_piece(i) for i in range(proc.get_piece_size())]
+    vocab = {}
+    for tok in ["</s>", "<unk>", *[f">>{t}<<" for t in targets], *pieces, "<pad>"]:
+        vocab.setdefault(tok, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    tok = MarianTokenizer(str(folder / "sp.model"), str(folder / "sp.model"), str(folder / "vocab.json"),
+                          source_lang="en", target_lang="mul")
+    for name in ("vocab.json", "sp.model", "sp.vocab"):
+        (folder / name).unlink()
+    torch.manual_seed(seed)
+    pad = vocab["<pad>"]
+    cfg = MarianConfig(vocab_size=len(vocab), d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                       decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+                       pad_token_id=pad, decoder_start_token_id=pad, eos_token_id=vocab["</s>"],
+                       forced_eos_token_id=vocab["</s>"])
+    model = MarianMTModel(cfg)
+    model.generation_config.bad_words_ids = [[pad]]
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
