@@ -165,12 +165,12 @@ def test_timm_init_mismatch_is_one_config_error(tmp_path, tiny_tokenizer_dir):
     from launch.train_clip import CLIPRunConfig, resolve
 
     cfg = load_config(CLIPRunConfig, str(ROOT / "configs" / "clip_tiny.yaml"), [f"data.tokenizer={tiny_tokenizer_dir}"])
-    odd = _timm_vit(reg_tokens=2, fc_norm=True, global_pool="avg")  # register tokens, a new fc_norm
+    odd = _timm_vit(qk_norm=True, fc_norm=True, global_pool="avg")  # query/key norms, a new fc_norm
     torch.save(odd.state_dict(), tmp_path / "odd.pt")
     with pytest.raises(ConfigError) as e:
         resolve(cfg, str(tmp_path / "odd.pt"))
     msg = str(e.value)
-    assert "\n" not in msg and "timm ViT does not match" in msg and "reg_token" in msg and "fc_norm" in msg
+    assert "\n" not in msg and "timm ViT does not match" in msg and "attn.q_norm" in msg and "fc_norm" in msg
     torch.save({"conv1.weight": torch.zeros(4, 3, 3, 3)}, tmp_path / "resnet.pt")
     with pytest.raises(ConfigError, match="not a timm ViT state dict"):
         resolve(cfg, str(tmp_path / "resnet.pt"))
