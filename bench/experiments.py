@@ -4,8 +4,11 @@
     python bench/experiments.py configs/experiments/mae_init.yaml --out runs/exp/mae_init \\
         --tokenizer runs/tokenizer --mae-ckpt runs/exp/mae/mae_ckpt.pt
 
-An experiment file names the MAE and CLIP presets and the runs, each ``{init: mae|none,
-overrides: {dotted.key: value}}``. The MAE stage is trained once (or ``--mae-ckpt`` reuses one)
+An experiment file names the MAE and CLIP presets and the runs, each ``{init: mae|none|PATH,
+overrides: {dotted.key: value}}`` (a PATH is handed to ``--init``: an MAE export or a timm ViT
+state dict), and optionally ``eval_languages`` (default en, ko; a language a run did not train on
+is evaluated all the same) and ``eval_manifest`` (evaluated whole instead of the training
+manifest's held-out split). The MAE stage is trained once (or ``--mae-ckpt`` reuses one)
 and shared by every ``init: mae`` run; each run is ``deepspeed --num_gpus N launch/clip.py``.
 A run folder that already holds ``clip_ckpt.pt`` is reused (delete it to retrain). Every run is
 then evaluated with :func:`clip.evaluate.evaluate_retrieval` on the held-out split (``split_rows``,
@@ -60,20 +63,22 @@ def _launch(script: str, args: list[str], gpus: int, log: Path) -> float:
     return time.perf_counter() - t0
 
 
-def evaluate(run_dir: Path, manifest: str, val_fraction: float, split_key: str, split_seed: int) -> dict:
+def evaluate(run_dir: Path, manifest: str, val_fraction: float, split_key: str, split_seed: int,
+             whole: bool = False) -> dict:
     """Held-out retrieval per language of one run folder (clip_ckpt.pt + tokenizer/)."""
     from clip.data import split_rows
     from clip.eval_inputs import load_model_and_tokenizer
     from clip.evaluate import evaluate_retrieval
     from mae.data import eval_transform, iter_manifest
 
-    _, val = split_rows(list(iter_manifest(manifest)), val_fraction, split_key, split_seed)
+    rows = list(iter_manifest(manifest))
+    val = rows if whole else split_rows(rows, val_fraction, split_key, split_seed)[1]
     model, tok = load_model_and_tokenizer(str(run_dir), None, "cpu")
     res = evaluate_retrieval(model, tok, val, LANGS, "cpu", transform=eval_transform(model.cfg.vision.img_size))
     out = {"n_images": res["n_images"], "chance@1": 1.0 / res["n_images"], "chance@5": 5.0 / res["n_images"]}
     for lang in LANGS:
         sec = res["languages"][lang]
-        out[lang] = {k: sec[k] for k, _ in METRICS}
+        out[lang] = {k: sec[k] for k, _ in METRICS + [("text_to_image_rank_median", "")]} if sec["n_texts"] else None
     return out
 
 
@@ -85,7 +90,7 @@ def write_report(results: dict, out: Path, title: str) -> None:
              "| language | metric | " + " | ".join(runs) + " |", "|---|---|" + "---|" * len(runs)]
     for lang in LANGS:
         for key, name in METRICS:
-            vals = [100 * results["runs"][r]["eval"][lang][key] for r in runs]
+            vals = [100 * (results["runs"][r]["eval"][lang] or {}).get(key, float("nan")) for r in runs]
             lines.append(f"| {lang} | {name} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
     lines += ["", "| run | init | overrides | CLIP wall s |", "|---|---|---|---|"]
     for r in runs:
@@ -103,7 +108,7 @@ def write_report(results: dict, out: Path, title: str) -> None:
     width = 0.8 / len(runs)
     for ax, lang in zip(axes, LANGS):
         for i, r in enumerate(runs):
-            vals = [100 * results["runs"][r]["eval"][lang][k] for k, _ in METRICS]
+            vals = [100 * (results["runs"][r]["eval"][lang] or {}).get(k, float("nan")) for k, _ in METRICS]
             ax.bar([j + i * width for j in range(len(METRICS))], vals, width, label=r)
         ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(METRICS))], [m for _, m in METRICS])
         ax.axhline(100 / n, color="gray", ls=":", lw=1, label="chance R@1")
@@ -131,6 +136,8 @@ def main(argv=None) -> int:
     if not isinstance(exp, dict) or not isinstance(exp.get("runs"), dict) or not exp["runs"]:
         print(f"error: {args.experiment}: expected 'mae', 'clip' and a mapping 'runs'", file=sys.stderr)
         return 2
+    global LANGS
+    LANGS = tuple(exp.get("eval_languages", LANGS))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     mae_ckpt = args.mae_ckpt
@@ -149,14 +156,16 @@ def main(argv=None) -> int:
         overrides = _flat(spec.get("overrides")) + list(args.set)
         wall = None  # None: an existing run folder was reused
         if not (run_dir / "clip_ckpt.pt").is_file():
-            init = ["--init", mae_ckpt] if spec.get("init", "mae") == "mae" else []
+            kind = spec.get("init", "mae")
+            init = ["--init", mae_ckpt] if kind == "mae" else [] if kind == "none" else ["--init", kind]
             wall = _launch("clip.py", [*init, "--config", str(ROOT / exp["clip"]), f"run.out_dir={run_dir}",
                                        f"data.tokenizer={args.tokenizer}", *overrides], args.gpus, out / f"{name}.log")
         elif (out / "results.json").is_file():
             wall = json.loads((out / "results.json").read_text()).get("runs", {}).get(name, {}).get("wall_s")
         results["runs"][name] = {"init": spec.get("init", "mae"), "overrides": overrides, "wall_s": wall,
-                                 "eval": evaluate(run_dir, manifest, data.get("val_fraction", 0.15),
-                                                  data.get("split_key", "base"), data.get("split_seed", 0))}
+                                 "eval": evaluate(run_dir, exp.get("eval_manifest", manifest), data.get("val_fraction", 0.15),
+                                                  data.get("split_key", "base"), data.get("split_seed", 0),
+                                                  whole="eval_manifest" in exp)}
         print(name, json.dumps(results["runs"][name]["eval"]), flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     write_report(results, out, Path(args.experiment).stem)

@@ -134,6 +134,6 @@ def get_tokenizer(name: str | os.PathLike, context_length: int | None = None):
 
 
 def _tokenizer(folder: Path):
-    from tokenizer import BilingualTokenizer
+    from clip.hf_text import load_text_tokenizer
 
-    return BilingualTokenizer.from_dir(folder)
+    return load_text_tokenizer(folder)  # ours, or a transformers text tower's own

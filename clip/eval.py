@@ -14,6 +14,15 @@ Zero-shot class names come from ``--classnames`` (JSON ``{"en": {label: name}, "
 (e.g. the emoji ``subgroup`` "award-medal" -> "award medal", also in Korean prompts), and the JSON
 says ``"classnames": "derived from labels"``.
 
+Languages never trained on are evaluated like the others and marked ``seen_in_training: false``
+(the checkpoint records its training languages). Retrieval also reads the multilingual layouts of
+:mod:`clip.multilingual` (``--layout xm3600|xtd10``; ``--languages all`` takes every language in the
+data), zero-shot the Babel-ImageNet class names of ``clip-benchmark`` (``--babel-imagenet``):
+
+    python -m clip.eval retrieval --checkpoint RUN --layout xtd10 --data XTD10/ --languages en ko de zh --out eval/
+    python -m clip.eval zeroshot  --checkpoint RUN --data imagenet_val.jsonl --label-field label \
+                                  --babel-imagenet --languages en ko de --out eval/
+
 Writes ``metrics_<task>.json``, ``<task>_accuracy_at_k.png`` (with the chance level k / N: N images,
 classes or pairs) and ``<task>_ranks.png`` into ``--out`` and prints a table. Bad input is one
 line on stderr and exit code 2.
@@ -37,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--checkpoint", required=True, help="clip_ckpt.pt or a run folder")
     common.add_argument("--tokenizer", help="tokenizer folder (default: tokenizer/ beside the checkpoint)")
     common.add_argument("--out", required=True, help="folder for metrics_<task>.json and the charts")
-    common.add_argument("--languages", nargs="+", default=["en", "ko"])
+    common.add_argument("--languages", nargs="+", default=["en", "ko"],
+                        help="caption / class-name languages; 'all' (retrieval): every language in the data")
     common.add_argument("--batch-size", type=int, default=64)
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     common.add_argument("--no-progress", action="store_true")
@@ -55,9 +65,14 @@ def _parser() -> argparse.ArgumentParser:
     z.add_argument("--classnames", help="JSON {lang: {label: name}} or TSV 'label en ko'; without it every "
                    "language uses the label itself ('-'/'_' as spaces)")
     z.add_argument("--templates", help="JSON {lang: [template with {}...]} (default: built-in prompts)")
+    z.add_argument("--babel-imagenet", nargs="?", const="", metavar="JSON",
+                   help="Babel-ImageNet class names and prompts per language (default: the files inside the "
+                        "installed clip_benchmark); the label field holds ImageNet class indices 0..999")
     r = sub.add_parser("retrieval", parents=[common, rows], help="image<->text retrieval")
     r.add_argument("--data", "--manifest", dest="manifest", required=True,
-                   help="JSONL manifest: file + captions[lang] or lang fields")
+                   help="JSONL manifest (file + captions[lang] or lang fields), or a Crossmodal-3600 / XTD10 folder")
+    r.add_argument("--layout", choices=["manifest", "xm3600", "xtd10"], default="manifest",
+                   help="how --data is laid out (clip.multilingual)")
     c = sub.add_parser("crosslingual", parents=[common], help="text->text retrieval between languages")
     c.add_argument("--pairs", required=True, help="TSV with the language columns in its header")
     c.add_argument("--max-pairs", type=int, help="only the first N pairs after deduplication")
@@ -95,6 +110,8 @@ def _zeroshot(args, progress) -> _Report:
     field, langs = ("label" if classes else args.label_field), list(args.languages)
     if any(field not in r for r in rows):
         raise ValueError(f"{args.data}: a row has no label field {field!r}")
+    if args.babel_imagenet is not None:
+        return _zeroshot_babel(args, progress, rows, root, split, field, langs)
     labels, names = class_names(rows, field, langs, args.classnames, classes)  # before the model loads
     if not args.classnames:
         print("clip.eval: no --classnames: every language uses the label text as class name", file=sys.stderr)
@@ -102,30 +119,92 @@ def _zeroshot(args, progress) -> _Report:
     model, tok = load_model_and_tokenizer(args.checkpoint, args.tokenizer, args.device)
     res = evaluate_zeroshot(model, tok, rows, labels, names, templates, field, args.device,
                             **_image_options(args, model, root, progress))
+    _mark_seen(res["languages"], model)
     res.update(data=str(args.data), label_field=field, split=split,
                classnames=str(args.classnames) if args.classnames else "derived from labels",
                templates={lang: list(templates[lang]) for lang in langs})
     sections = res["languages"]
-    table = [["language", "acc1", "acc5", "median rank", "classes"]]
-    table += [[n, s["acc1"], s["acc5"], s["rank_median"], s["n_classes"]] for n, s in sections.items()]
+    table = [["language", "acc1", "acc5", "median rank", "classes", "seen"]]
+    table += [[n, s["acc1"], s["acc5"], s["rank_median"], s["n_classes"], _seen(s)] for n, s in sections.items()]
     return _Report(res, {n: s["accuracy_at_k"] for n, s in sections.items()}, res.pop("ranks"), table,
                    ("zero-shot classification: top-k accuracy", "top-k accuracy", len(labels), "classes"))
+
+
+def _zeroshot_babel(args, progress, rows, root, split, field, langs) -> _Report:
+    """Zero-shot over Babel-ImageNet: each language its own class subset, names and prompts; the
+    images of classes a language does not name are left out of that language's figures."""
+    from clip.eval_inputs import load_model_and_tokenizer, read_templates
+    from clip.evaluate import evaluate_zeroshot
+    from clip.multilingual import babel_imagenet
+
+    tables = babel_imagenet(langs, args.babel_imagenet or None)
+    if args.templates:  # e.g. fewer prompts than Babel-ImageNet's 80 per language
+        own = read_templates(args.templates)
+        tables = {lang: (labels, names, own.get(lang, temps)) for lang, (labels, names, temps) in tables.items()}
+    model, tok = load_model_and_tokenizer(args.checkpoint, args.tokenizer, args.device)
+    res = {"languages": {}, "ranks": {}, "n_images": 0, "n_skipped": 0}
+    for lang, (labels, names, templates) in tables.items():
+        index = set(labels)
+        mine = [r for r in rows if str(r[field]) in index]
+        if not mine:
+            raise ValueError(f"no image of {args.data} has a Babel-ImageNet class that {lang!r} names")
+        mine = [{**r, field: str(r[field])} for r in mine]
+        part = evaluate_zeroshot(model, tok, mine, labels, {lang: names}, {lang: templates}, field, args.device,
+                                 **_image_options(args, model, root, progress))
+        res["languages"][lang] = {**part["languages"][lang], "n_images": part["n_images"]}
+        res["ranks"][lang] = part["ranks"][lang]
+        res["n_images"], res["n_skipped"] = max(res["n_images"], part["n_images"]), part["n_skipped"]
+        res.update({k: part[k] for k in ("rank_base", "ties")})
+    _mark_seen(res["languages"], model)
+    res.update(data=str(args.data), label_field=field, split=split, classnames="Babel-ImageNet")
+    sections = res["languages"]
+    table = [["language", "acc1", "acc5", "median rank", "classes", "images", "seen"]]
+    table += [[n, s["acc1"], s["acc5"], s["rank_median"], s["n_classes"], s["n_images"], _seen(s)]
+              for n, s in sections.items()]
+    n_classes = max(s["n_classes"] for s in sections.values())
+    return _Report(res, {n: s["accuracy_at_k"] for n, s in sections.items()}, res.pop("ranks"), table,
+                   ("zero-shot classification (Babel-ImageNet): top-k accuracy", "top-k accuracy", n_classes,
+                    "classes"))
+
+
+def _mark_seen(sections: dict, model) -> None:
+    """``seen_in_training`` per language: was it among the caption languages the checkpoint trained on
+    (None when the checkpoint does not say)?"""
+    trained = getattr(model, "trained_languages", None)
+    for lang, sec in sections.items():
+        sec["seen_in_training"] = None if trained is None else lang in trained
+
+
+def _seen(section: dict) -> str:
+    return {True: "yes", False: "no (unseen)", None: "?"}[section.get("seen_in_training")]
 
 
 def _retrieval(args, progress) -> _Report:
     from clip.eval_inputs import load_model_and_tokenizer
     from clip.evaluate import evaluate_retrieval
+    from clip.multilingual import manifest_languages, read_layout
 
-    rows, root, split, _ = _rows(args.manifest, args)
+    langs = None if args.languages == ["all"] else list(args.languages)
+    if args.layout == "manifest":
+        rows, root, split, _ = _rows(args.manifest, args)
+    else:
+        rows, root, split = read_layout(args.layout, args.manifest, langs), Path(args.manifest), {"name": "all"}
+        rows = rows[:args.max_images] if args.max_images else rows
+        split["n_rows"] = len(rows)
+    langs = langs or manifest_languages(rows)
+    if not langs:
+        raise ValueError(f"{args.manifest}: no caption language found; name them with --languages")
     model, tok = load_model_and_tokenizer(args.checkpoint, args.tokenizer, args.device)
-    res = evaluate_retrieval(model, tok, rows, list(args.languages), args.device,
+    res = evaluate_retrieval(model, tok, rows, langs, args.device,
                              **_image_options(args, model, root, progress))
-    res.update(manifest=str(args.manifest), split=split)
+    res.update(manifest=str(args.manifest), layout=args.layout, split=split,
+               trained_languages=getattr(model, "trained_languages", None))
+    _mark_seen(res["languages"], model)
     sections = {n: s for n, s in res["languages"].items() if s["n_texts"]}
     ranks = {f"{n} {d.replace('_to_', '->')}": r for n, rr in res.pop("ranks").items() for d, r in rr.items()}
-    table = [["language", "t->i R@1", "R@5", "R@10", "i->t R@1", "R@5", "R@10", "t->i median rank"]]
+    table = [["language", "t->i R@1", "R@5", "R@10", "i->t R@1", "R@5", "R@10", "t->i median rank", "seen"]]
     table += [[n] + [s[f"{d}_R@{k}"] for d in ("text_to_image", "image_to_text") for k in (1, 5, 10)]
-              + [s["text_to_image_rank_median"]] for n, s in sections.items()]
+              + [s["text_to_image_rank_median"], _seen(s)] for n, s in sections.items()]
     return _Report(res, {n: s["text_to_image_accuracy_at_k"] for n, s in sections.items()}, ranks, table,
                    ("retrieval: text->image (find the image of a caption)", "text->image recall@k",
                     res["n_images"], "images"))

@@ -25,16 +25,16 @@ def _read_json(p: Path):
 
 def load_model_and_tokenizer(checkpoint: str, tokenizer_dir: str | None = None, device="cpu"):
     """A CLIP from ``clip_ckpt.pt``, a run folder or a safetensors folder, and its tokenizer (default:
-    ``tokenizer/`` beside the checkpoint, or inside the folder)."""
-    from clip.model import load_clip
-    from tokenizer import BilingualTokenizer
-
+    ``tokenizer/`` beside the checkpoint, or inside the folder; our BPE, or the transformers
+    tokenizer of a ``text_tower: hf`` run)."""
     from clip.api import locate
+    from clip.hf_text import load_text_tokenizer
+    from clip.model import load_clip
 
     ckpt, default_tok = locate(checkpoint)  # a run folder, a checkpoint file or a safetensors folder
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else default_tok
-    try:
-        tokenizer = BilingualTokenizer.from_dir(str(tok_dir))
+    try:  # ours (tokenizer_meta.json) or, for a transformers text tower, its own
+        tokenizer = load_text_tokenizer(str(tok_dir))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e} (pass --tokenizer DIR)") from None
     model = load_clip(str(ckpt), tokenizer=tokenizer.fingerprint).to(device).eval()

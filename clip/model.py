@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clip.hf_text import HFTextConfig, HFTextTower, TextTower, tower_from_config_json, tower_from_pretrained
 from clip.text import TextConfig, TextTransformer
 from mae.checkpoint import CLIP_FORMAT, load_checkpoint, save_checkpoint
 from mae.model import load_encoder_checkpoint
@@ -47,10 +48,17 @@ class CLIPConfig:
     # into a large image-independent vector that the patches attend to, not a summary of the
     # image; the patch outputs carry the content, so a frozen MAE tower is pooled over them.
     vision_pool: Pool = "avg"
+    # "gpt2": our causal tower (clip.text, sizes from `text`); "hf": a transformers encoder from
+    # `hf_text.path` (clip.hf_text); then `text` keeps only what the tokenizer decides (vocab_size,
+    # eot_id, pad_id) and the context length.
+    text_tower: TextTower = "gpt2"
+    hf_text: HFTextConfig = field(default_factory=HFTextConfig)
 
     def __post_init__(self):
         if self.vision_pool not in get_args(Pool):
             raise ValueError(f"vision_pool must be one of {get_args(Pool)}, got {self.vision_pool!r}")
+        if self.text_tower not in get_args(TextTower):
+            raise ValueError(f"text_tower must be one of {get_args(TextTower)}, got {self.text_tower!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPConfig":
@@ -64,7 +72,8 @@ class CLIPConfig:
         d = dict(d)
         vision = build(ViTConfig, d.pop("vision", {}), "CLIPConfig.vision")
         text = build(TextConfig, d.pop("text", {}), "CLIPConfig.text")
-        return build(cls, {**d, "vision": vision, "text": text}, "CLIPConfig")
+        hf_text = build(HFTextConfig, d.pop("hf_text", {}), "CLIPConfig.hf_text")
+        return build(cls, {**d, "vision": vision, "text": text, "hf_text": hf_text}, "CLIPConfig")
 
 
 class CLIP(nn.Module):
@@ -72,20 +81,28 @@ class CLIP(nn.Module):
 
     Args:
         cfg: tower configs, joint width, temperature init / cap and patch dropout rate.
+        text_tower: a ready text tower (e.g. :func:`clip.hf_text.tower_from_config_json` when a
+            checkpoint is loaded); by default it is built from ``cfg`` (for ``text_tower: hf``
+            the pretrained encoder in ``cfg.hf_text.path``).
     """
 
-    def __init__(self, cfg: CLIPConfig = CLIPConfig()):
+    def __init__(self, cfg: CLIPConfig = CLIPConfig(), text_tower: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
         self.visual = VisionTransformer(cfg.vision, patch_drop_rate=cfg.patch_dropout, global_pool=cfg.vision_pool)
         self.visual_proj = nn.Linear(cfg.vision.embed_dim, cfg.embed_dim, bias=False)
-        self.text = TextTransformer(cfg.text)
-        self.text_proj = nn.Linear(cfg.text.embed_dim, cfg.embed_dim, bias=False)
+        if text_tower is None:
+            text_tower = (tower_from_pretrained(cfg.hf_text, cfg.text.pad_id) if cfg.text_tower == "hf"
+                          else TextTransformer(cfg.text))
+        self.text = text_tower
+        text_width = text_tower.embed_dim if isinstance(text_tower, HFTextTower) else cfg.text.embed_dim
+        self.text_proj = nn.Linear(text_width, cfg.embed_dim, bias=False)
         # shape (1,), not (): DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(cfg.init_logit_scale)))
+        self.trained_languages: list[str] | None = None  # caption languages of training, as load_clip reads them
         # CLIP's projection init: std = width ** -0.5
         nn.init.normal_(self.visual_proj.weight, std=cfg.vision.embed_dim ** -0.5)
-        nn.init.normal_(self.text_proj.weight, std=cfg.text.embed_dim ** -0.5)
+        nn.init.normal_(self.text_proj.weight, std=text_width ** -0.5)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing in both towers (each block recomputed in backward)."""
@@ -138,8 +155,11 @@ class CLIP(nn.Module):
         EOT truncation makes almost free; no boolean indexing, so no host sync.
         """
         B, C, T = tokens.shape
-        blank = torch.full_like(tokens[0, 0], self.cfg.text.pad_id)
-        blank[0] = self.cfg.text.eot_id
+        if isinstance(self.text, HFTextTower):
+            blank = self.text.blank_like(tokens[0, 0])
+        else:
+            blank = torch.full_like(tokens[0, 0], self.cfg.text.pad_id)
+            blank[0] = self.cfg.text.eot_id
         tokens = torch.where(text_mask[..., None], tokens, blank)  # (B, C, T)
         feats = self.encode_text(tokens.reshape(B * C, T))  # (B*C, E)
         return feats.reshape(B, C, -1) * text_mask[..., None].to(feats.dtype)  # (B, C, E)
@@ -170,13 +190,14 @@ def load_mae_encoder(model: CLIP, path) -> None:
 
 
 def load_visual_state(visual: VisionTransformer, saved_cfg: ViTConfig, state: dict[str, torch.Tensor],
-                      where: str) -> None:
+                      where: str, what: str = "MAE encoder") -> None:
     """Load an encoder state dict into ``visual`` (a CLIP image tower) after checking everything.
 
     Decoder and mask-token entries, if present, are dropped. Every other key must exist in
     ``visual`` with the same shape, every visual key must be in ``state``, and ``saved_cfg`` must
     equal the tower's ``ViTConfig``; otherwise ONE ValueError (one line naming ``where``) lists
-    every difference. A tower on the ``meta`` device checks without loading.
+    every difference (``what`` names the kind of file in it, e.g. ``timm ViT``). A tower on the
+    ``meta`` device checks without loading.
     """
     problems = []
     want_cfg, got_cfg = asdict(visual.cfg), asdict(saved_cfg)
@@ -199,17 +220,23 @@ def load_visual_state(visual: VisionTransformer, saved_cfg: ViTConfig, state: di
         if unexpected and all(k.startswith("encoder.") for k in unexpected):
             hint = (" (keys carry an 'encoder.' prefix: export encoder_state_dict(), "
                     "not the whole MAE model)")
-        raise ValueError(f"{where}: MAE encoder does not match the CLIP image tower{hint}; "
+        raise ValueError(f"{where}: {what} does not match the CLIP image tower{hint}; "
                          f"{len(problems)} difference(s): " + "; ".join(problems))
     if next(iter(expected.values())).device.type != "meta":
         visual.load_state_dict(state, strict=True)
 
 
-def save_clip(model: CLIP, path, tokenizer: str | None = None) -> None:
-    """Write ``clip_ckpt.pt`` (atomically): the ``CLIPConfig``, the weights (weights-only loadable)
-    and the fingerprint of the tokenizer it was trained with (``BilingualTokenizer.fingerprint``)."""
-    save_checkpoint(path, CLIP_FORMAT, asdict(model.cfg), model.state_dict(),
-                    extra={"tokenizer": tokenizer} if tokenizer else None)
+def save_clip(model: CLIP, path, tokenizer: str | None = None, languages=None) -> None:
+    """Write ``clip_ckpt.pt`` (atomically): the ``CLIPConfig``, the weights (weights-only loadable),
+    the fingerprint of the tokenizer it was trained with (``BilingualTokenizer.fingerprint``), the
+    caption ``languages`` it was trained on (if given) and, for a transformers text tower, that
+    encoder's ``config.json`` as a string (``hf_text_config``), so it loads without its folder."""
+    extra = {"tokenizer": tokenizer} if tokenizer else {}
+    if languages is not None:
+        extra["languages"] = [str(lang) for lang in languages]
+    if isinstance(model.text, HFTextTower):
+        extra["hf_text_config"] = model.text.config_json()
+    save_checkpoint(path, CLIP_FORMAT, asdict(model.cfg), model.state_dict(), extra=extra or None)
 
 
 def load_clip(path, device="cpu", tokenizer: str | None = None) -> CLIP:
@@ -221,9 +248,17 @@ def load_clip(path, device="cpu", tokenizer: str | None = None) -> CLIP:
     if tokenizer and trained and trained != tokenizer:
         raise ValueError(f"{path} was trained with tokenizer {trained}, not this one ({tokenizer}): use the "
                          "tokenizer/ folder of its run")
-    model = CLIP(CLIPConfig.from_dict(ckpt["config"]))
+    cfg = CLIPConfig.from_dict(ckpt["config"])
+    text = None
+    if cfg.text_tower == "hf":
+        if not isinstance(ckpt.get("hf_text_config"), str):
+            raise ValueError(f"{path}: text_tower 'hf' but no 'hf_text_config' (the encoder's config.json) saved")
+        text = tower_from_config_json(ckpt["hf_text_config"], cfg.hf_text.pool, cfg.text.pad_id)
+    model = CLIP(cfg, text_tower=text)
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:  # missing / unexpected keys or shapes, all listed by torch
         raise ValueError(f"{path}: weights do not match the saved config: {' '.join(str(e).split())}") from None
+    langs = ckpt.get("languages")
+    model.trained_languages = list(langs) if isinstance(langs, list) else None
     return model.to(device).eval()

@@ -22,10 +22,12 @@ import torch
 from clip.augment import MultiCropConfig, build_multicrop, finish_images
 from clip.data import CaptionCollate, CaptionMode, build_pair_dataset, split_rows
 from clip.evaluate import evaluate_heldout
+from clip.hf_text import HFTokenizer
 from clip.loss import ClipLoss
 from clip.model import CLIP, CLIPConfig, load_visual_state, save_clip
 from clip.openai_layout import init_from_openai
 from clip.text import text_config_for
+from clip.timm_vit import load_image_init
 from launch.cli import parse_run_args, start_run
 from launch.config import PROJECT_ROOT, ConfigError, GuardConfig, RunConfig, StreamConfig, TrainConfig, resolve_path
 from launch.dist import barrier, set_seed
@@ -122,23 +124,47 @@ def split_sources(data: CLIPDataConfig):
 
 @dataclass(frozen=True)
 class InitState:
-    """What ``--init`` loads: ``visual`` (an MAE encoder into the image tower) or ``clip`` (a whole
-    CLIP from OpenAI's layout), and the state dict under our names."""
+    """What ``--init`` loads: ``visual`` (an MAE encoder or a timm ViT into the image tower) or
+    ``clip`` (a whole CLIP from OpenAI's layout), and the state dict under our names, with what it is."""
 
     target: Literal["visual", "clip"]
     state: dict
+    what: str = "MAE encoder"
+
+
+def load_hf_tokenizer(model: CLIPConfig) -> tuple[HFTokenizer, Path]:
+    """The tokenizer of ``model.hf_text.path`` (a transformers text tower reads its own captions)."""
+    folder = Path(resolve_path(model.hf_text.path)) if model.hf_text.path else Path("")
+    if not model.hf_text.path or not (folder / "config.json").is_file():
+        raise ConfigError(f"model.hf_text.path={model.hf_text.path!r}: not a local transformers model folder "
+                          "(config.json, weights, tokenizer files as save_pretrained writes them)")
+    try:
+        return HFTokenizer.from_dir(folder, model.text.context_length), folder
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise ConfigError(f"model.hf_text.path={folder}: {' '.join(str(e).split())}") from None
+
+
+INIT_KINDS = ("an MAE encoder export (mae_ckpt.pt or its safetensors folder), a timm ViT state dict (.safetensors, "
+              ".pt, .pth, .bin), or a CLIP checkpoint in OpenAI's / open_clip's layout")
 
 
 def resolve(cfg: CLIPRunConfig, init: Optional[str]):
     """The run config as it will train: the text tower's vocabulary and special ids from the
-    tokenizer, the image tower's shape from the ``--init`` checkpoint (an MAE export; for a CLIP in
-    OpenAI's layout, both towers' shapes). A config cannot disagree with them. Returns ``(cfg,
+    tokenizer (ours, or the transformers encoder's own with ``model.text_tower: hf``), the image
+    tower's shape from the ``--init`` checkpoint (an MAE export or a timm ViT state dict; for a CLIP
+    in OpenAI's layout, both towers' shapes). A config cannot disagree with them. Returns ``(cfg,
     tokenizer, tokenizer folder, InitState or None)``."""
-    tok_dir = Path(resolve_path(cfg.data.tokenizer))
-    tokenizer = load_tokenizer(tok_dir)
-    model = replace(cfg.model, text=text_config_for(cfg.model.text, tokenizer))
-    state = None
-    if init:
+    if cfg.model.text_tower == "hf":
+        tokenizer, tok_dir = load_hf_tokenizer(cfg.model)
+        model = replace(cfg.model, hf_text=replace(cfg.model.hf_text, path=str(tok_dir)))
+    else:
+        tok_dir = Path(resolve_path(cfg.data.tokenizer))
+        tokenizer = load_tokenizer(tok_dir)
+        model = cfg.model
+    model = replace(model, text=text_config_for(model.text, tokenizer))
+    if not init:
+        return replace(cfg, model=model), tokenizer, tok_dir, None
+    if cfg.model.text_tower != "hf":  # a whole CLIP brings its own text tower: ours only
         try:
             found = init_from_openai(model, init)
         except (FileNotFoundError, ValueError) as e:
@@ -150,32 +176,33 @@ def resolve(cfg: CLIPRunConfig, init: Optional[str]):
                       "use quick_gelu: model.vision.act_layer=quick_gelu model.text.act_layer=quick_gelu)",
                       file=sys.stderr)
             return replace(cfg, model=found[0]), tokenizer, tok_dir, InitState("clip", found[1])
-        try:
-            vision, state = load_encoder_checkpoint(init)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"--init: {e} (--init takes an MAE encoder export or a CLIP checkpoint in "
-                              "OpenAI's / open_clip's layout)") from None
-        if vision != model.vision:
-            changed = [k for k in vision.__dataclass_fields__ if getattr(vision, k) != getattr(model.vision, k)]
-            if os.environ.get("RANK", "0") == "0":
-                print(f"note: model.vision taken from {init} ({', '.join(changed)} differ from the config)",
-                      file=sys.stderr)
-        model = replace(model, vision=vision)
-        with torch.device("meta"):  # check every key and shape now, before any process work
-            tower = VisionTransformer(vision, global_pool=model.vision_pool)
-        try:
-            load_visual_state(tower, vision, state, init)
-        except ValueError as e:
-            raise ConfigError(f"--init: {e}") from None
-    return replace(cfg, model=model), tokenizer, tok_dir, (InitState("visual", state) if state is not None else None)
+    try:
+        if Path(init).is_dir():  # a safetensors export folder (python -m clip.export --format safetensors)
+            (vision, state), what = load_encoder_checkpoint(init), "MAE encoder"
+        else:
+            vision, state, what = load_image_init(init, model.vision)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"--init: {e} (--init takes {INIT_KINDS})") from None
+    if vision != model.vision:
+        changed = [k for k in vision.__dataclass_fields__ if getattr(vision, k) != getattr(model.vision, k)]
+        if os.environ.get("RANK", "0") == "0":
+            print(f"note: model.vision taken from {init} ({', '.join(changed)} differ from the config)",
+                  file=sys.stderr)
+    model = replace(model, vision=vision)
+    with torch.device("meta"):  # check every key and shape now, before any process work
+        tower = VisionTransformer(vision, global_pool=model.vision_pool)
+    try:
+        load_visual_state(tower, vision, state, init, what)
+    except ValueError as e:
+        raise ConfigError(f"--init: {e}") from None
+    return replace(cfg, model=model), tokenizer, tok_dir, InitState("visual", state, what)
 
 
 def main(argv: list[str]) -> Path:
     args, cfg = parse_run_args(argv, CLIPRunConfig, __doc__.split("\n")[0],
                                str(PROJECT_ROOT / "configs" / "clip.yaml"),
-                               options=(("--init", "mae_ckpt.pt from stage 1: initialises the image tower "
-                                                   "(and sets model.vision); or a CLIP in OpenAI's / open_clip's "
-                                                   "layout: initialises both towers (and sets their sizes)"),))
+                               options=(("--init", f"initialises the image tower (and sets model.vision) from {INIT_KINDS}; "
+                                                   "the last initialises both towers (and sets their sizes)"),))
     cfg, tokenizer, tok_dir, init_state = resolve(cfg, args.init)
     if cfg.train.compile and cfg.model.patch_dropout > 0 and cfg.train.grad_accum > 1 and cfg.accumulation == "cached":
         raise ConfigError("train.compile with model.patch_dropout and cached accumulation: the second forward must "
@@ -191,7 +218,7 @@ def main(argv: list[str]) -> Path:
     if init_state is not None and init_state.target == "clip":
         model.load_state_dict(init_state.state, strict=True)  # shapes checked in resolve
     elif init_state is not None:
-        load_visual_state(model.visual, cfg.model.vision, init_state.state, args.init)
+        load_visual_state(model.visual, cfg.model.vision, init_state.state, args.init, init_state.what)
     model.set_grad_checkpointing(cfg.train.grad_checkpointing)
     maybe_compile(model, cfg.train)
     set_seed(cfg.train.seed + dist.rank)  # different patch-dropout streams per rank
@@ -211,7 +238,10 @@ def main(argv: list[str]) -> Path:
     monitor = Monitor(out, dist, resume=args.resume, wandb=cfg.run.wandb)
     monitor.start(cfg, model)
     if dist.is_main and not (out / "tokenizer").exists():
-        shutil.copytree(tok_dir, out / "tokenizer")
+        if isinstance(tokenizer, HFTokenizer):
+            tokenizer.save(out / "tokenizer")  # the tokenizer files only, not the encoder's weights
+        else:
+            shutil.copytree(tok_dir, out / "tokenizer")
 
     collate = CaptionCollate(tokenizer, cfg.data.languages, mode=cfg.data.caption_mode, seed=cfg.train.seed + dist.rank,
                              context_length=cfg.model.text.context_length)
@@ -288,7 +318,7 @@ def main(argv: list[str]) -> Path:
     trainer.fit(hooks)
     trainer.save()
     if dist.is_main:
-        save_clip(net, out / "clip_ckpt.pt", tokenizer=tokenizer.fingerprint)
+        save_clip(net, out / "clip_ckpt.pt", tokenizer=tokenizer.fingerprint, languages=langs)
         if not hooks:
             monitor.plot("loss.png", ["train/loss"], "CLIP training loss", "symmetric InfoNCE",
                          chance=chance, labels={"train/loss": "train"})
