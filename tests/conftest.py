@@ -51,3 +51,30 @@ def free_port() -> int:
     from launch.dist import free_port as find
 
     return find()
+
+
+@pytest.fixture(scope="session")
+def make_tiny_clip_run(tiny_tokenizer_dir):
+    """``make(folder, patch_size=32, embed_dim=32, fingerprint=True, **save_kw) -> folder``: a run
+    folder holding the tiny tokenizer and a random CLIP (64 px images, one block per tower, width
+    32, context length 32: not the tokenizer's default 77), seeded, saved with ``clip.model.save_clip``."""
+    import shutil
+
+    import torch
+
+    from clip.model import CLIP, CLIPConfig, save_clip
+    from clip.text import TextConfig
+    from mae.vit import ViTConfig
+    from tokenizer import BilingualTokenizer
+
+    def make(folder: Path, patch_size: int = 32, embed_dim: int = 32, fingerprint: bool = True, **save_kw) -> Path:
+        shutil.copytree(tiny_tokenizer_dir, folder / "tokenizer")
+        tok = BilingualTokenizer.from_dir(folder / "tokenizer")
+        torch.manual_seed(0)
+        cfg = CLIPConfig(vision=ViTConfig(img_size=64, patch_size=patch_size, embed_dim=32, depth=1, num_heads=2),
+                         text=TextConfig(vocab_size=tok.vocab_size, context_length=32, embed_dim=32, depth=1,
+                                         num_heads=2, eot_id=tok.eot_id, pad_id=tok.pad_id), embed_dim=embed_dim)
+        save_clip(CLIP(cfg), folder / "clip_ckpt.pt", tokenizer=tok.fingerprint if fingerprint else None, **save_kw)
+        return folder
+
+    return make

@@ -13,26 +13,15 @@ import torch
 from PIL import Image
 
 import clip
-from clip.model import CLIP, CLIPConfig, load_clip, save_clip
-from clip.text import TextConfig
+from clip.model import load_clip, save_clip
 from mae.data import eval_transform, load_rgb
 from mae.vit import ViTConfig
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_tokenizer_dir):
+def run(tmp_path_factory, make_tiny_clip_run):
     """A run folder like the demo's: context length 32 (the tokenizer's own default is 77)."""
-    from tokenizer import BilingualTokenizer
-
-    out = tmp_path_factory.mktemp("api") / "run"
-    shutil.copytree(tiny_tokenizer_dir, out / "tokenizer")
-    tok = BilingualTokenizer.from_dir(out / "tokenizer")
-    torch.manual_seed(0)
-    cfg = CLIPConfig(vision=ViTConfig(img_size=64, patch_size=16, embed_dim=32, depth=1, num_heads=2),
-                     text=TextConfig(vocab_size=tok.vocab_size, context_length=32, embed_dim=32, depth=1,
-                                     num_heads=2, eot_id=tok.eot_id, pad_id=tok.pad_id), embed_dim=16)
-    save_clip(CLIP(cfg), out / "clip_ckpt.pt", tokenizer=tok.fingerprint)
-    return out
+    return make_tiny_clip_run(tmp_path_factory.mktemp("api") / "run", patch_size=16, embed_dim=16)
 
 
 def test_readme_python_example_runs(run, repo_root, monkeypatch):

@@ -228,21 +228,9 @@ def test_evaluate_retrieval_and_crosslingual_fake():
 # ----------------------------------------------------------------------------- CLI on a tiny CLIP
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_tokenizer_dir, data_dir):
-    from clip.model import CLIP, CLIPConfig, save_clip
-    from clip.text import TextConfig
-    from mae.vit import ViTConfig
-    from tokenizer import BilingualTokenizer
-
+def tiny_run(tmp_path_factory, make_tiny_clip_run, data_dir):
     root = tmp_path_factory.mktemp("eval")
-    run = root / "run"
-    shutil.copytree(tiny_tokenizer_dir, run / "tokenizer")
-    tok = BilingualTokenizer.from_dir(run / "tokenizer")
-    torch.manual_seed(0)
-    cfg = CLIPConfig(vision=ViTConfig(img_size=64, patch_size=32, embed_dim=32, depth=1, num_heads=2),
-                     text=TextConfig(vocab_size=tok.vocab_size, context_length=32, embed_dim=32, depth=1,
-                                     num_heads=2, eot_id=tok.eot_id, pad_id=tok.pad_id), embed_dim=32)
-    save_clip(CLIP(cfg), run / "clip_ckpt.pt")
+    run = make_tiny_clip_run(root / "run", fingerprint=False)
     rows = [json.loads(line) for line in open(data_dir / "emoji" / "captions.jsonl", encoding="utf-8")][::80]
     for r in rows:
         r["file"] = str(data_dir / "emoji" / r["file"])

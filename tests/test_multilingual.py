@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # A stand-in third language for the fixtures: the emoji's English keywords written as "de"
@@ -50,22 +49,9 @@ def _write_xtd10(root: Path, rows) -> Path:
 
 
 @pytest.fixture(scope="module")
-def en_only_run(tmp_path_factory, tiny_tokenizer_dir):
+def en_only_run(tmp_path_factory, make_tiny_clip_run):
     """A tiny random CLIP whose checkpoint says it was trained on English captions only."""
-    from clip.model import CLIP, CLIPConfig, save_clip
-    from clip.text import TextConfig
-    from mae.vit import ViTConfig
-    from tokenizer import BilingualTokenizer
-
-    run = tmp_path_factory.mktemp("ml") / "run"
-    shutil.copytree(tiny_tokenizer_dir, run / "tokenizer")
-    tok = BilingualTokenizer.from_dir(run / "tokenizer")
-    torch.manual_seed(0)
-    cfg = CLIPConfig(vision=ViTConfig(img_size=64, patch_size=32, embed_dim=32, depth=1, num_heads=2),
-                     text=TextConfig(vocab_size=tok.vocab_size, context_length=32, embed_dim=32, depth=1,
-                                     num_heads=2, eot_id=tok.eot_id, pad_id=tok.pad_id), embed_dim=32)
-    save_clip(CLIP(cfg), run / "clip_ckpt.pt", tokenizer=tok.fingerprint, languages=["en"])
-    return run
+    return make_tiny_clip_run(tmp_path_factory.mktemp("ml") / "run", languages=["en"])
 
 
 def test_xm3600_and_xtd10_readers(tmp_path):
