@@ -30,7 +30,6 @@ Without the photo folder it exits 0 with a message (nothing to measure).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -105,9 +104,8 @@ def measure(cfg, impl: str, shards: str, tokenizer, batch: int, workers: int, se
                              context_length=cfg.model.text.context_length)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, collate_fn=collate, num_workers=workers,
                                          persistent_workers=workers > 0)
-    n, batches, first = 0, [], None
+    n, first = 0, None
     t0 = time.perf_counter()
-    epoch = 0
     while time.perf_counter() - t0 < seconds:
         for b in loader:
             if first is None:  # workers started and warm: time from the first batch on
@@ -116,7 +114,6 @@ def measure(cfg, impl: str, shards: str, tokenizer, batch: int, workers: int, se
             n += b["size"]
             if time.perf_counter() - t0 >= seconds:
                 break
-        epoch += 1
     rate = n / (time.perf_counter() - t0)
     finish_ms = None
     if impl != "torchvision" or device != "cpu":
@@ -163,7 +160,6 @@ def train(cfg, impl: str, shards: str, tokenizer, batch: int, workers: int, step
     loader = iter(torch.utils.data.DataLoader(ds, batch_size=batch, collate_fn=collate, num_workers=workers,
                                               pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None))
     cast = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     wait = total = 0.0
     flops = None
     for step in range(steps):

@@ -35,7 +35,6 @@ import random
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mae.data import load_rgb, resolve_source
