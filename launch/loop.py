@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from launch import checkpoints
-from launch.config import ConfigError, RunConfig, TrainConfig, save_config
+from launch.config import ConfigError, RunConfig, StreamConfig, TrainConfig, save_config
 from launch.dist import (Dist, all_ranks_true, all_reduce, barrier, fault_point, preserved_rng, rng_state,
                          set_rng_state, shutdown_distributed)
 from launch.guard import Diverged, Guard
@@ -59,15 +59,25 @@ def check_run_dir(out_dir: str, resume: bool) -> Path:
     return out
 
 
-def check_source(source, key: str):
+def check_source(source, key: str, stream: Optional[StreamConfig] = None):
     """The data source resolved (``mae.data.resolve_source``), or one line naming ``key``: missing,
-    empty, a bad manifest line, or (for files) none of its first images on disk."""
+    empty, a bad manifest line, (for files) none of its first images on disk, or ``stream``
+    settings the source cannot take (resampling and weights need shards, one weight per ``::`` source)."""
     from mae.data import resolve_source
 
     try:
         kind, items = resolve_source(source)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"{key}: {e}") from None
+    if stream is not None and stream.resampled and kind != "shards":
+        raise ConfigError(f"data.resampled=true draws shards with replacement: {key} must be WebDataset shards")
+    if stream is not None and stream.source_weights:
+        n = len(str(source).split("::")) if kind == "shards" else 0
+        if not stream.resampled:
+            raise ConfigError("data.source_weights weigh shard draws: they need data.resampled=true")
+        if len(stream.source_weights) != n:
+            raise ConfigError(f"data.source_weights has {len(stream.source_weights)} weights for {n} "
+                              f"'::'-separated sources in {key}")
     if kind == "records" and items:
         head = items[:1000]
         if not any(os.path.isfile(r["path"]) for r in head):

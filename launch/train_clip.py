@@ -107,7 +107,7 @@ def split_sources(data: CLIPDataConfig):
     """(train source, val source or rows, or None): a held-out split of a manifest, or the configured
     sources; every problem with them is one line naming the key."""
     source = resolve_path(data.source)
-    _, records = check_source(source, "data.source")
+    _, records = check_source(source, "data.source", data)
     if data.val_source:
         check_source(resolve_path(data.val_source), "data.val_source")
         return source, resolve_path(data.val_source)

@@ -93,7 +93,7 @@ def main(argv: list[str]) -> Path:
     args, cfg = parse_run_args(argv, MAERunConfig, __doc__.split("\n")[0],
                                str(PROJECT_ROOT / "configs" / "mae.yaml"))
     source = resolve_path(cfg.data.source)
-    check_source(source, "data.source")
+    check_source(source, "data.source", cfg.data)
     dist = start_run(cfg, args.print_config, args.resume)
     if dist is None:
         return Path(cfg.run.out_dir)
