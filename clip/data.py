@@ -157,9 +157,9 @@ def split_rows(rows: Sequence[dict], val_fraction: float, key_field: str = "base
 def collate_crops(images: list) -> list[torch.Tensor] | dict:
     """Per-sample views -> V crop batches ``[(B, 3, H, W)]`` (float or uint8, as the views are); a
     single tensor per sample is one view; ``clip.augment.DeviceMultiCrop`` outputs (dicts) are
-    batched by :func:`clip.augment.collate_pending` for cropping on the accelerator."""
+    batched by :func:`mae.views.collate_pending` for cropping on the accelerator."""
     if isinstance(images[0], dict):
-        from clip.augment import collate_pending
+        from mae.views import collate_pending
 
         return collate_pending(images)
     images = [v if isinstance(v, (list, tuple)) else [v] for v in images]

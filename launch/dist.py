@@ -91,6 +91,24 @@ def shutdown_distributed() -> None:
     if groups is not None and getattr(groups, "_WORLD_GROUP", None) is not None:
         groups._WORLD_GROUP = None
     gc.collect()
+    release_shm_buffer()
+
+
+def shm_buffer_path(rank: int | str, addr: str | None = None, port: str | None = None) -> str:
+    """Where DeepSpeed's CPU all-reduce keeps a rank's shared-memory buffer (its shm comm op, used
+    when every rank is on one node): ``/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}``."""
+    addr = addr or os.environ.get("MASTER_ADDR", "")
+    port = port or os.environ.get("MASTER_PORT", "")
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_buffer() -> None:
+    """Unlink this rank's DeepSpeed shared-memory buffer (about 66 MiB of RAM). DeepSpeed never
+    does, so every finished CPU run left one per rank in /dev/shm: a session of test runs filled
+    19 GiB of a 24 GiB machine. Called after the last collective: the peers' mappings stay valid."""
+    if "RANK" in os.environ and "MASTER_PORT" in os.environ:
+        with contextlib.suppress(OSError):
+            os.unlink(shm_buffer_path(os.environ["RANK"]))
 
 
 def fault_point(where: str, step: int) -> None:

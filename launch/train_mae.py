@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -26,6 +26,7 @@ from mae.checkpoint import atomic_write_bytes
 from mae.data import CLIP_MEAN, CLIP_STD, eval_transform, mae_transform
 from mae.dataset import build_image_dataset, collate_images
 from mae.model import MAEConfig, MaskedAutoencoder, save_encoder_checkpoint
+from mae.views import DeviceCrops, FastCrops, finish_views
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,15 @@ class MAEDataConfig(StreamConfig):
     scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    # How the view is made (as CLIP's augment.impl, mae.views): "fast" (box first, reduced JPEG
+    # decode, uint8 to the device), "torchvision" (the reference transform) or "device" (crops on the GPU).
+    impl: Literal["fast", "torchvision", "device"] = "fast"
+
+    def view(self, size: int):
+        """The worker-side transform of ``impl``."""
+        if self.impl == "torchvision":
+            return mae_transform(size, self.mean, self.std, scale=self.scale)
+        return (FastCrops if self.impl == "fast" else DeviceCrops)([(size, self.scale)])
 
 
 @dataclass(frozen=True)
@@ -110,15 +120,16 @@ def main(argv: list[str]) -> Path:
 
     enc = cfg.model.encoder
     dataset = build_image_dataset(
-        source, mae_transform(enc.img_size, cfg.data.mean, cfg.data.std, scale=cfg.data.scale),
+        source, cfg.data.view(enc.img_size),
         rank=dist.rank, world_size=dist.world_size, seed=cfg.train.seed, **cfg.data.stream_options(),
     )
     stream = BatchStream(dataset, lambda epoch: torch.utils.data.DataLoader(
         dataset, batch_size=cfg.train.micro_batch_size, num_workers=cfg.train.num_workers,
         collate_fn=collate_images, generator=torch.Generator()), cfg.train.micro_batch_size, cfg.train.num_workers)
 
-    def step_fn(batch):
-        loss, _, _ = engine(batch["images"])
+    def step_fn(batch):  # uint8 views normalised / device views cropped, on the device
+        images = finish_views(batch["images"], [(enc.img_size, cfg.data.scale)], cfg.data.mean, cfg.data.std)[0]
+        loss, _, _ = engine(images)
         return loss, {"count/skipped_samples": batch["n_skipped"], "count/broken_shards": batch["n_broken_shards"]}
 
     trainer = Trainer(engine, stream, step_fn, cfg.train, cfg.run, dist, monitor, schedule,

@@ -19,8 +19,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as F
 
-from clip.augment import (DeviceMultiCrop, FastMultiCrop, MultiCrop, MultiCropConfig, collate_pending, draw_crops,
-                          finish_images, open_for_crops, reduction_for, sample_box)
+from clip.augment import DeviceMultiCrop, FastMultiCrop, MultiCrop, MultiCropConfig, finish_images
+from mae.views import collate_pending, draw_crops, open_for_crops, reduction_for, sample_box
 from clip.data import CaptionCollate, build_pair_dataset
 from mae.data import load_rgb
 
@@ -194,3 +194,26 @@ def test_fast_path_strong_augmentation_stays_uint8(data_dir):
         assert all(x.dtype == torch.uint8 and x.shape == y.shape for x, y in zip(a, b))
         differ.append(not torch.equal(a[0], b[0]))
     assert any(differ)
+
+
+def test_mae_stage_views_on_each_path(data_dir):
+    """The MAE stage's single view through the stream and collate, per ``data.impl``: the same
+    boxes (same seeds) give the fast path's pixels on the device path (within 1.5 levels), and the
+    reference transform's range and shape."""
+    from launch.train_mae import MAEDataConfig
+    from mae.dataset import build_image_dataset, collate_images
+    from mae.views import finish_views
+
+    rows = [{"path": str(data_dir / "photos" / n)} for n in ("coffee.jpg", "chelsea.jpg")]
+    rows += [{"path": str(p)} for p in sorted((data_dir / "emoji" / "img").glob("*.png"))[:4]]
+    out = {}
+    for impl in ("torchvision", "fast", "device"):
+        data = MAEDataConfig(impl=impl)
+        ds = build_image_dataset(rows, data.view(64), shuffle=False)
+        batch = collate_images(list(ds))
+        out[impl] = finish_views(batch["images"], [(64, data.scale)], data.mean, data.std)[0]
+        assert out[impl].shape == (6, 3, 64, 64) and out[impl].dtype == torch.float32
+    std = torch.tensor(CFG.std).view(1, 3, 1, 1) * 255
+    assert ((out["device"] - out["fast"]) * std).abs().mean() < 1.5
+    lo, hi = out["torchvision"].amin(), out["torchvision"].amax()
+    assert out["fast"].amin() >= lo - 0.05 and out["fast"].amax() <= hi + 0.05

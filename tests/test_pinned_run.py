@@ -39,7 +39,7 @@ def _train_rows(run: Path) -> list[dict]:
 def test_seeded_runs_give_the_pinned_losses(tmp_path, tiny_tokenizer_dir):
     common = ["train.steps=6", "train.warmup_steps=2", "run.log_every=1", "train.micro_batch_size=8",
               "train.num_workers=0"]
-    _run([str(ROOT / "launch" / "mae.py"), "--config", str(ROOT / "configs" / "mae_tiny.yaml"),
+    _run([str(ROOT / "launch" / "mae.py"), "--config", str(ROOT / "configs" / "mae_tiny.yaml"), "data.impl=torchvision",
           f"run.out_dir={tmp_path / 'mae'}", "vis_every=0", *common], tmp_path)
     _run([str(ROOT / "launch" / "clip.py"), "--init", str(tmp_path / "mae" / "mae_ckpt.pt"),
           "--config", str(ROOT / "configs" / "clip_tiny.yaml"), f"run.out_dir={tmp_path / 'clip'}",

@@ -124,6 +124,10 @@ def test_two_ranks_equal_one_rank(tmp_path, free_port):
             torch.testing.assert_close(final[name][key], ref, rtol=1e-5, atol=1e-6, msg=f"{name}:{key}")
     assert (tmp_path / "two" / "config.yaml").is_file() and (tmp_path / "two" / "ds_config.json").is_file()
     assert final["one"]["0.weight"].abs().sum() != start[0].weight.abs().sum()
+    # DeepSpeed's CPU all-reduce buffers (one per rank in /dev/shm) are released at the end
+    from launch.dist import shm_buffer_path
+
+    assert not [r for r in (0, 1) if os.path.exists(shm_buffer_path(r, "127.0.0.1", str(free_port)))]
     # telemetry: the gradient norm is that of the global batch, however it is split (our own
     # without ZeRO, DeepSpeed's with ZeRO-2); timings and memory are present and sane
     rows = {k: [json.loads(x) for x in (tmp_path / k / "metrics.jsonl").read_text().splitlines()] for k in runs}

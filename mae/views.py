@@ -1,0 +1,208 @@
+"""Random-resized-crop views decoded only as large as they need, for both stages.
+
+The ``fast`` and ``device`` paths of ``clip.augment`` (which documents them) and of the MAE
+stage's single view: crop boxes drawn first, by torchvision's RandomResizedCrop algorithm, from the
+image header; JPEGs decoded at the largest DCT reduction that keeps every box at least its output
+size; each crop resized from its box in uint8 (``fast``, in the worker) or batched on the
+accelerator with ``roi_align`` (``device``); normalised on the device by :func:`finish_views`.
+
+A view spec is ``(output size, (min area, max area))``; ``specs`` is a list of them or anything
+with a ``specs()`` method (``clip.augment.MultiCropConfig``).
+"""
+from __future__ import annotations
+
+import io
+import math
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from mae.data import to_rgb
+
+RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's aspect-ratio range (its default)
+
+
+def as_specs(specs) -> list[tuple[int, tuple[float, float]]]:
+    """``[(size, (lo, hi)), ...]`` from a list of specs or an object with ``specs()``."""
+    specs = specs.specs() if hasattr(specs, "specs") else specs
+    return [(int(size), (float(scale[0]), float(scale[1]))) for size, scale in specs]
+
+
+def draw_crops(specs, width: int, height: int) -> list[tuple[tuple[int, int, int, int], int, bool]]:
+    """Draw the V crops of ``specs`` (see :func:`as_specs`) on a ``width`` x ``height`` image: ``[(box (left, top, right, bottom), output
+    size, flip)]``, by torchvision's RandomResizedCrop algorithm (:func:`sample_box`) and a fair
+    flip. The draws come from a Python generator seeded from torch's random state, one torch call
+    per image instead of ~10 per crop, so a sample's seed still fixes its crops."""
+    rng = random.Random(int(torch.randint(0, 2**62, (1,)).item()))
+    return [(sample_box(rng, width, height, scale), size, rng.random() < 0.5) for size, scale in as_specs(specs)]
+
+
+def sample_box(rng: random.Random, width: int, height: int, scale, ratio=RATIO) -> tuple[int, int, int, int]:
+    """torchvision's ``RandomResizedCrop.get_params`` (area fraction uniform in ``scale``, log aspect
+    uniform in log ``ratio``, 10 tries, then the centre crop clipped to ``ratio``), drawing from
+    ``rng``. Returns (left, top, right, bottom)."""
+    area = width * height
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(lo, hi))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = rng.randint(0, height - h), rng.randint(0, width - w)
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
+
+
+def reduction_for(crops) -> int:
+    """The largest JPEG DCT reduction (1, 2, 4 or 8) after which every crop box is still at least
+    its output size in both directions, so no crop is upsampled that the reference downsamples."""
+    need = min(min(r - l, b - t) / size for (l, t, r, b), size, _ in crops)
+    return next(s for s in (8, 4, 2, 1) if s <= need) if need >= 1 else 1
+
+
+def open_for_crops(src, specs):
+    """Decode ``src`` (path, bytes or a PIL image) just as large as the crops of ``specs`` need.
+
+    Returns ``(rgb, crops)``: the RGB image (EXIF orientation applied, transparency flattened
+    onto white, as :func:`mae.data.load_rgb`), possibly DCT-reduced, and the crops drawn on the
+    full-size image with their boxes scaled to ``rgb`` (floats)."""
+    if isinstance(src, Image.Image):
+        rgb = to_rgb(src)
+        return rgb, draw_crops(specs, *rgb.size)
+    fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src
+    with Image.open(fp) as img:
+        W, H = img.size
+        if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees once upright
+            W, H = H, W
+        crops = draw_crops(specs, W, H)
+        s = reduction_for(crops)
+        if s > 1 and img.format == "JPEG":
+            img.draft("RGB", (math.ceil(img.size[0] / s), math.ceil(img.size[1] / s)))
+        img.load()  # truncated data raises here
+        rgb = to_rgb(img)
+    sx, sy = W / rgb.width, H / rgb.height
+    return rgb, [((l / sx, t / sy, r / sx, b / sy), size, flip) for (l, t, r, b), size, flip in crops]
+
+
+class FastCrops:
+    """The ``fast`` path: ``FastCrops(specs)(src) -> V uint8 (3, S, S)`` crops from a path, encoded
+    bytes or a PIL image (reduced decoding needs the first two). ``photometric``: size -> a uint8
+    tensor transform applied to each crop of that size. Normalise with :func:`finish_views`."""
+
+    takes_encoded = True  # the streams hand over the path or bytes, not a decoded image
+
+    def __init__(self, specs, photometric: dict | None = None):
+        self.specs, self.photometric = as_specs(specs), photometric
+
+    def __call__(self, src) -> list[torch.Tensor]:
+        rgb, crops = open_for_crops(src, self.specs)
+        x = pil_to_uint8(rgb)  # (3, h, w): one copy; the crops are views of it until resized
+        out = []
+        for box, size, flip in crops:
+            l, t, r, b = _int_box(box, x.shape[-1], x.shape[-2])
+            crop = F.resized_crop(x, t, l, b - t, r - l, [size, size], interpolation=InterpolationMode.BICUBIC,
+                                  antialias=True)  # torchvision's uint8 kernel, that of the reference
+            if flip:
+                crop = crop.flip(-1)
+            out.append(self.photometric[size](crop) if self.photometric else crop)
+        return out
+
+
+def pil_to_uint8(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) uint8 tensor (channels-first view of one copy)."""
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+def _int_box(box, width: int, height: int) -> tuple[int, int, int, int]:
+    """A float box (from a reduced decode) rounded to whole pixels inside the image, at least 1 px."""
+    l, t = min(round(box[0]), width - 1), min(round(box[1]), height - 1)
+    return l, t, max(l + 1, min(round(box[2]), width)), max(t + 1, min(round(box[3]), height))
+
+
+class DeviceCrops:
+    """The ``device`` path, the worker's half: ``(src) -> {"pixels": uint8 (3, h, w), "boxes": (V, 4)
+    float, "flips": (V,) bool}``; :func:`collate_pending` batches these and :func:`finish_views`
+    crops them on the accelerator."""
+
+    takes_encoded = True
+
+    def __init__(self, specs):
+        self.specs = as_specs(specs)
+
+    def __call__(self, src) -> dict:
+        rgb, crops = open_for_crops(src, self.specs)
+        return {"pixels": pil_to_uint8(rgb),
+                "boxes": torch.tensor([box for box, _, _ in crops], dtype=torch.float32),
+                "flips": torch.tensor([flip for _, _, flip in crops], dtype=torch.bool)}
+
+
+def collate_pending(items: list[dict]) -> dict:
+    """Batch :class:`DeviceCrops` outputs: pixels zero-padded to the largest image, (B, 3, H, W)
+    uint8, with ``boxes`` (B, V, 4) and ``flips`` (B, V)."""
+    H = max(it["pixels"].shape[1] for it in items)
+    W = max(it["pixels"].shape[2] for it in items)
+    pixels = torch.zeros(len(items), 3, H, W, dtype=torch.uint8)
+    for i, it in enumerate(items):
+        p = it["pixels"]
+        h, w = p.shape[1:]
+        pixels[i, :, :h, :w] = p
+        pixels[i, :, h:, :w] = p[:, -1:, :]  # edge-replicated padding: the resample at a box's
+        pixels[i, :, :, w:] = pixels[i, :, :, w - 1:w]  # edge reads the image's edge, not zeros
+    return {"pixels": pixels, "boxes": torch.stack([it["boxes"] for it in items]),
+            "flips": torch.stack([it["flips"] for it in items])}
+
+
+def normalize_uint8(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float32 normalised with ``mean`` / ``std`` (of [0, 1] pixels)."""
+    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(3, 1, 1) * 255.0
+    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(3, 1, 1) * 255.0
+    return (x.float() - m) / s
+
+
+def finish_views(images, specs, mean, std, chunk: int = 64) -> list[torch.Tensor]:
+    """The training step's view of a batch's images, on whatever device they are: V float
+    (B, 3, S, S) crop batches. Float crops pass unchanged, uint8 crops are normalised (``mean`` /
+    ``std`` of [0, 1] pixels), a device batch (:func:`collate_pending`) is cropped, resized, flipped
+    and normalised here, ``chunk`` images at a time (bounds the float copy of the pixels)."""
+    if isinstance(images, dict):
+        return _device_crops(images, as_specs(specs), mean, std, chunk)
+    if isinstance(images, torch.Tensor):
+        images = [images]
+    return [normalize_uint8(x, mean, std) if x.dtype == torch.uint8 else x for x in images]
+
+
+def _device_crops(batch: dict, specs, mean, std, chunk: int) -> list[torch.Tensor]:
+    from torchvision.ops import roi_align
+
+    pixels, boxes, flips = batch["pixels"], batch["boxes"], batch["flips"]  # (B,3,H,W) (B,V,4) (B,V)
+    B, V = boxes.shape[:2]
+    sizes = [size for size, _ in specs]
+    if len(sizes) != V:
+        raise ValueError(f"device batch has {V} crops per image, the view specs {len(sizes)}")
+    out: list[list[torch.Tensor]] = [[] for _ in range(V)]
+    for lo in range(0, B, chunk):
+        px = pixels[lo:lo + chunk].float()  # (b, 3, H, W) in [0, 255]
+        b = px.shape[0]
+        idx = torch.arange(b, device=px.device, dtype=torch.float32)
+        for size in dict.fromkeys(sizes):  # one roi_align per crop size
+            vs = [v for v in range(V) if sizes[v] == size]
+            rois = torch.cat([torch.cat([idx[:, None], boxes[lo:lo + b, v]], dim=1) for v in vs])  # (len(vs) b, 5)
+            crops = roi_align(px, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+            for k, v in enumerate(vs):
+                c = crops[k * b:(k + 1) * b]
+                out[v].append(torch.where(flips[lo:lo + b, v].view(-1, 1, 1, 1), c.flip(-1), c))
+    m = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1) * 255.0
+    s = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1) * 255.0
+    return [(torch.cat(o).clamp_(0, 255) - m) / s for o in out]
