@@ -10,9 +10,7 @@ stopped (same seed, ranks and workers).
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
 import sys
 import time
@@ -28,8 +26,8 @@ from launch.dist import (Dist, all_ranks_true, all_reduce, barrier, fault_point,
 from launch.guard import Diverged, Guard
 from launch.monitor import Monitor
 from launch.optim import FreezeSchedule, LRSchedule, autocast, global_batch
-from launch.perf import peak_tflops
 from launch.stream import BatchStream
+from launch.telemetry import Telemetry, progress_line
 from mae.checkpoint import atomic_write_text
 
 # A hook runs on every rank after steps divisible by its period (and after the last step), with the
@@ -92,26 +90,6 @@ def fingerprint(cfg: Any) -> str:
     from launch.config import to_dict
 
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak memory of this process: the accelerator's allocator peak, or on a CPU the peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def progress_line(step: int, steps: int, logs: dict) -> str:
-    """The plain progress line written when stderr is not a terminal (one per log interval)."""
-    def g(k):
-        return logs.get(f"train/{k}", float("nan"))
-    epoch = f" epoch {g('epoch'):.2f}" if "train/epoch" in logs else ""
-    return (f"step {step}/{steps}{epoch} loss {g('loss'):.4f} lr {g('lr'):.3g} {g('samples_per_s'):.1f} samples/s "
-            f"step {g('step_time_s'):.3f}s data-wait {100 * g('data_wait_share'):.1f}% mfu {100 * g('mfu'):.2f}% "
-            + (f"grad-norm {g('grad_norm'):.3g} " if "train/grad_norm" in logs else "")
-            + f"peak-mem {g('peak_mem_gib'):.2f} GiB")
 
 
 def summary_line(totals: dict[str, float]) -> str:
@@ -185,10 +163,8 @@ class Trainer:
         self.counts: dict[str, float] = {}
         self.totals: dict[str, float] = {}
         self.n_acc = 0
-        # telemetry of the current log interval (not checkpointed: timings restart with the process)
-        self.t_data, self.steps_in_window, self.grad_norms = 0.0, 0, []
-        self.flops_per_sample: Optional[float] = None  # forward x 3, counted on the first micro-batch
-        self.peak: Optional[tuple[float, str]] = None
+        n = stream.dataset.num_samples() if hasattr(stream.dataset, "num_samples") else None  # read once
+        self.telemetry = Telemetry(train, dist, run.peak_tflops, n)
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
@@ -230,7 +206,7 @@ class Trainer:
         self.interactive = sys.stderr.isatty()
         bar = tqdm(total=train.steps, initial=self.step, disable=not (dist.is_main and self.interactive), unit="step",
                    file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
-        self.peak = peak_tflops(dist.device, self.run.peak_tflops or None)
+        self.telemetry.start()
         t_last = time.perf_counter()
         try:
             self._fit(hooks, bar, t_last)
@@ -241,54 +217,39 @@ class Trainer:
         """The next micro-batch on the device; the wait is the interval's data time."""
         t = time.perf_counter()
         batch = to_device(next(self.stream), self.dist.device)
-        self.t_data += time.perf_counter() - t
+        self.telemetry.add_data_time(time.perf_counter() - t)
         return batch
-
-    def _counted(self, fn: Callable[[], Any], batch_size: int, grad: bool = True) -> Any:
-        """Run ``fn`` (a forward), counting its FLOPs once per process (x 3 for the backward) for MFU."""
-        if self.flops_per_sample is not None:
-            return fn() if grad else None
-        from torch.utils.flop_counter import FlopCounterMode
-
-        counter = FlopCounterMode(display=False)
-        try:
-            with counter, (contextlib.nullcontext() if grad else torch.no_grad()):
-                out = fn()
-            self.flops_per_sample = 3.0 * counter.get_total_flops() / max(1, batch_size)
-        except Exception:  # a compiled graph the counter cannot follow: no MFU, training goes on
-            self.flops_per_sample = float("nan")
-            out = fn() if grad else None
-        return out
 
     def _fit(self, hooks, bar, t_last) -> None:
         train, dist = self.train, self.dist
         while self.step < train.steps:
             if self.freeze is not None:
                 self.freeze.apply(self.step)
+            logged = self._logs_after(self.step + 1)
+            tel = self.telemetry
             if self.whole_step is not None:  # one call does every micro-batch's backward and step
                 batches = [self._next() for _ in range(train.grad_accum)]
-                if self.flops_per_sample is None:  # an extra forward, once, that draws nothing
+                if tel.flops_per_sample is None:  # an extra forward, once, that draws nothing
                     with preserved_rng(), autocast(train, dist.device):
-                        self._counted(lambda: self.step_fn(batches[0]), train.micro_batch_size, grad=False)
+                        tel.count(lambda: self.step_fn(batches[0]), train.micro_batch_size, grad=False)
                 self._record(*self.whole_step(batches), micro_steps=train.grad_accum)
-                self._grad_norm()
+                tel.after_step(self.engine, logged)
             else:
                 for _ in range(train.grad_accum):
                     batch = self._next()
                     with autocast(train, dist.device):
-                        loss, metrics = self._counted(lambda: self.step_fn(batch), train.micro_batch_size)
+                        loss, metrics = tel.count(lambda: self.step_fn(batch), train.micro_batch_size)
                     self.engine.backward(loss)
-                    own = self._own_grad_norm()
+                    own = tel.own_grad_norm(self.engine, logged)
                     self.engine.step()
-                    self._grad_norm(own)
                     self._record(loss, metrics)
+                tel.after_step(self.engine, logged, own)
             if self.after_step is not None:
                 self.after_step()
             self.step += 1
-            self.steps_in_window += 1
             fault_point("step", self.step)
             bar.update(1)
-            if self.step % self.run.log_every == 0 or self.step == train.steps:
+            if logged:
                 now = time.perf_counter()
                 logs = self._log_row(now - t_last)
                 bar.set_postfix(loss=f"{logs['train/loss']:.4f}", sps=f"{logs['train/samples_per_s']:.1f}",
@@ -334,41 +295,14 @@ class Trainer:
         if self.train.precision == "fp16":
             logs["train/fp16_skipped_steps_total"] = float(getattr(self.engine, "skipped_steps", 0))
         logs["train/lr"] = self.schedule.lr(self.step - 1)
-        sps = self.n_acc * self.train.micro_batch_size * self.dist.world_size / max(seconds, 1e-9)
-        logs["train/samples_per_s"] = sps
-        timing = all_reduce({"data_wait_share": self.t_data / max(seconds, 1e-9),
-                             "grad_norm": sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else float("nan")},
-                            self.dist, "mean")
-        logs["train/data_wait_share"] = timing["data_wait_share"]  # mean over ranks
-        logs["train/step_time_s"] = seconds / max(1, self.steps_in_window)
-        if math.isfinite(timing["grad_norm"]):  # DeepSpeed reports it when it clips (train.grad_clip > 0)
-            logs["train/grad_norm"] = timing["grad_norm"]
-        logs["train/peak_mem_gib"] = all_reduce({"m": peak_memory_gib(self.dist.device)}, self.dist, "max")["m"]
-        n = self.stream.dataset.num_samples() if hasattr(self.stream.dataset, "num_samples") else None
-        if n:
-            logs["train/epoch"] = self.step * global_batch(self.train, self.dist.world_size) / n
-        peak, _ = self.peak or (float("nan"), "")
-        mfu = (self.flops_per_sample or float("nan")) * sps / self.dist.world_size / (peak * 1e12)
-        if math.isfinite(mfu):
-            logs["train/mfu"] = mfu
+        logs.update(self.telemetry.row(seconds, self.step, self.n_acc))
         self.monitor.log(self.step, logs)
         self.acc, self.counts, self.n_acc = {}, {}, 0
-        self.t_data, self.steps_in_window, self.grad_norms = 0.0, 0, []
         return logs
 
-    def _own_grad_norm(self) -> Optional[float]:
-        """Without ZeRO DeepSpeed keeps no gradient norm; at the accumulation boundary (gradients
-        already averaged over ranks) it is taken here, before the step clips them."""
-        if self.train.zero_stage != 0 or not self.engine.is_gradient_accumulation_boundary():
-            return None
-        norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
-
-    def _grad_norm(self, own: Optional[float] = None) -> None:
-        norm = self.engine.get_global_grad_norm() if hasattr(self.engine, "get_global_grad_norm") else None
-        norm = own if norm is None else norm
-        if norm is not None:
-            self.grad_norms.append(float(norm))
+    def _logs_after(self, step: int) -> bool:
+        """Whether the row of a log interval is written after optimizer step ``step`` (1-based)."""
+        return step % self.run.log_every == 0 or step == self.train.steps
 
     def skip_totals(self) -> dict[str, float]:
         """Every ``*_total`` count of the last logged row (for the end-of-run summary)."""

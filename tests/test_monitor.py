@@ -16,8 +16,6 @@ from launch.monitor import Monitor, parameter_counts
 MAIN = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-
-
 def _cfg():
     from dataclasses import dataclass, field
 
@@ -88,3 +86,44 @@ def test_wandb_logs_offline_and_resumes_the_same_run(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
     with pytest.raises(ConfigError, match="pip install wandb"):
         Monitor(tmp_path / "x", MAIN, wandb=True)
+
+
+def test_telemetry_interval_figures():
+    """One interval's row: samples/s, step time, data-wait share, epoch and MFU from the counted
+    FLOPs; the ZeRO-0 gradient norm only on logged steps; the interval resets after its row."""
+    from launch.telemetry import Telemetry
+
+    model = torch.nn.Linear(8, 4, bias=False)
+    model(torch.ones(2, 8)).sum().backward()
+
+    class Engine:  # ZeRO-0: DeepSpeed keeps no norm
+        module = model
+
+        def is_gradient_accumulation_boundary(self):
+            return True
+
+        def get_global_grad_norm(self):
+            return None
+
+    train = TrainConfig(micro_batch_size=4, grad_accum=2)
+    tel = Telemetry(train, MAIN, peak_override=1.0, num_samples=80)
+    tel.start()
+    assert tel.peak == (1.0, "--peak-tflops")
+    x = torch.ones(4, 8)
+    tel.count(lambda: model(x), batch_size=4)
+    assert tel.flops_per_sample == pytest.approx(3 * 2 * 8 * 4)  # 3 x (2 * in * out) per sample
+    assert tel.own_grad_norm(Engine(), logged=False) is None  # unlogged step: no pass over the gradients
+    own = tel.own_grad_norm(Engine(), logged=True)
+    assert own == pytest.approx(float(model.weight.grad.norm()))
+    for _ in range(2):
+        tel.add_data_time(0.25)
+        tel.after_step(Engine(), logged=False)
+    tel.after_step(Engine(), logged=True, own=own)
+    row = tel.row(seconds=2.0, step=10, micro_batches=6)  # 3 steps x 2 micro-batches of 4
+    assert row["train/samples_per_s"] == pytest.approx(12.0)
+    assert row["train/step_time_s"] == pytest.approx(2.0 / 3)
+    assert row["train/data_wait_share"] == pytest.approx(0.25)
+    assert row["train/grad_norm"] == pytest.approx(own)
+    assert row["train/epoch"] == pytest.approx(10 * 8 / 80)
+    assert row["train/mfu"] == pytest.approx(3 * 2 * 8 * 4 * 12.0 / 1e12)
+    assert (tel.t_data, tel.steps, tel.grad_norm) == (0.0, 0, None)
