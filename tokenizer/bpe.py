@@ -184,9 +184,10 @@ class BilingualTokenizer:
         tok = self._fixed_length(T)
         encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # fast path skips offsets
         encodings = encode(list(texts), add_special_tokens=True)
-        out = np.empty((len(encodings), T), dtype=np.int64)  # (B, T)
-        for row, enc in zip(out, encodings):
-            row[:] = enc.ids
+        out = np.full((len(encodings), T), self.pad_id, dtype=np.int64)  # (B, T); padded here, not by
+        for row, enc in zip(out, encodings):  # the tokenizer (its padding of every field halves the speed)
+            ids = enc.ids
+            row[:len(ids)] = ids
         return out
 
     def encode_batch(self, texts: Sequence[str] | str, context_length: int | None = None):
@@ -209,7 +210,6 @@ class BilingualTokenizer:
             tok = Tokenizer.from_str(self._tokenizer.to_str())
             tok.encode_special_tokens = True  # a caption containing "<|endoftext|>" stays text
             tok.enable_truncation(max_length=T)  # counts SOT/EOT, which the post-processor adds after
-            tok.enable_padding(direction="right", pad_id=self.pad_id, pad_token=self.pad_token, length=T)
             self._fixed[T] = tok
         return self._fixed[T]
 
