@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -63,12 +64,101 @@ def looks_like_shards(source: str) -> bool:
 
 
 def iter_shard_samples(url: str) -> Iterator[dict]:
-    """Samples of one tar shard as ``{"key", "image", "json", "txt"}`` (bytes, or None if absent)."""
+    """Samples of one tar shard as ``{"key", "image", "json", "txt"}`` (bytes, or None if absent).
+
+    Members are grouped into samples by webdataset (``group_by_keys``: key = name up to the first
+    dot of its basename). Remote or compressed shards are opened and read by webdataset too; a
+    local plain tar is read by :func:`tar_members`, the same members ~10x faster than through
+    Python's ``tarfile`` (50 -> 5 us per sample: 5 % of a fast-path sample's time at 256 px).
+    Raises for a truncated or corrupt tar (the stream counts the shard as broken)."""
     from webdataset import tariterators
 
-    for s in tariterators.tarfile_samples([{"url": url}]):
+    if is_remote(url) or not _plain_tar(url):
+        files = tariterators.tar_file_expander(tariterators.url_opener([{"url": url}]))
+    else:
+        files = tar_members(url)
+    for s in tariterators.group_by_keys(files):
         image = next((s[e] for e in SHARD_IMAGE_EXTS if e in s), None)
         yield {"key": s["__key__"], "image": image, "json": s.get("json"), "txt": s.get("txt")}
+
+
+_SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator skips these names
+
+
+def _plain_tar(path: str) -> bool:
+    """A local file that starts like an uncompressed tar (ustar/GNU magic at offset 257)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(265)
+    except OSError:
+        return False
+    return head[257:262] == b"ustar"
+
+
+def tar_members(path: str) -> Iterator[dict]:
+    """The regular files of a local uncompressed tar, in order, as webdataset's tar reader yields
+    them (``{"fname", "data", "__url__"}``, then ``{}`` at the end): ustar and GNU headers, pax
+    (``path``, ``size``) and GNU long names; links, folders and webdataset's ``__meta__`` names are
+    skipped. Raises ``tarfile.ReadError`` for a truncated file or a header with a bad checksum."""
+    import tarfile
+
+    def field(b: bytes) -> str:
+        return b.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+    def number(b: bytes) -> int:
+        if b[0] & 0x80:  # GNU base-256 (sizes of 8 GiB and more)
+            return int.from_bytes(b[1:], "big")
+        return int(b.split(b"\0", 1)[0].strip() or b"0", 8)
+
+    with open(path, "rb", buffering=1 << 20) as f:
+        override: dict[str, str] = {}
+        while True:
+            header = f.read(512)
+            if len(header) < 512:
+                if not header:
+                    break  # no end-of-archive blocks: tolerated, as tarfile's stream mode does
+                raise tarfile.ReadError(f"unexpected end of data in {path}")
+            if header.count(0) == 512:
+                break  # end of archive
+            stored = number(header[148:156])  # the sum of the header bytes, its own field as spaces
+            if stored != sum(header[:148]) + 256 + sum(header[156:]) and \
+                    stored != sum(_signed(header[:148])) + 256 + sum(_signed(header[156:])):  # old writers
+                raise tarfile.ReadError(f"bad tar header checksum in {path}")
+            kind = header[156:157]
+            name = field(header[:100])
+            if header[257:263] == b"ustar\0" and header[345]:  # POSIX prefix
+                name = field(header[345:500]) + "/" + name
+            size = int(override.get("size", number(header[124:136])))
+            data, pad = f.read(size), -size % 512
+            if len(data) < size or len(f.read(pad)) < pad:  # the padding too, as tarfile checks
+                raise tarfile.ReadError(f"unexpected end of data in {path}")
+            if kind == b"x":  # pax header of the next member
+                override = _pax(data)
+                continue
+            if kind == b"L":  # GNU long name of the next member
+                override = {"path": field(data)}
+                continue
+            name, override = override.get("path", name), {}
+            if kind not in (b"0", b"\0", b"7") or _SKIP_META.match(name):
+                continue  # links, folders, global pax headers, metadata
+            yield {"fname": name, "data": data, "__url__": path}
+    yield {}
+
+
+def _signed(b: bytes) -> list[int]:
+    return [x - 256 if x > 127 else x for x in b]
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    """``path`` and ``size`` of a pax extended header (records ``"LEN key=value\\n"``)."""
+    out, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] != b"\0":
+        length = int(data[pos:data.index(b" ", pos)])
+        key, _, value = data[data.index(b" ", pos) + 1:pos + length - 1].partition(b"=")
+        if key in (b"path", b"size"):
+            out[key.decode()] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
 
 
 def shard_sample_count(urls: list[str]) -> int | None:

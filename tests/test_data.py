@@ -480,3 +480,54 @@ def test_csv_and_tsv_tables_are_caption_sources(tmp_path, subset):
     (tmp_path / "bad.csv").write_text("name,en\nx.png,hello\n")
     with pytest.raises(ValueError, match="no image column"):
         build_pair_dataset(str(tmp_path / "bad.csv"), nothing)
+
+
+def test_tar_member_reader_equals_webdatasets(tmp_path):
+    """Our reader of local plain tars (mae.shards.tar_members) yields exactly webdataset's members
+    for ustar, GNU and pax archives (long and non-ASCII names, a folder, a link, a __meta__ file),
+    routes compressed tars to webdataset, and raises for truncation and a corrupt header."""
+    import gzip
+    import tarfile
+
+    from webdataset import tariterators
+
+    from mae.shards import _plain_tar, iter_shard_samples, tar_members
+
+    def library(path):
+        return list(tariterators.tar_file_expander(tariterators.url_opener([{"url": str(path)}])))
+
+    members = [("000001.jpg", b"\xff\xd8" + bytes(700)), ("000001.json", b'{"captions": {"en": "a"}}'),
+               ("d" * 120 + "/000002.jpg", b"x" * 513), ("사진/000003.txt", "고양이".encode()),
+               ("__meta__.json", b"{}"), ("000004.jpg", b"")]
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        path = tmp_path / f"{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt) as tar:
+            d = tarfile.TarInfo("folder")
+            d.type = tarfile.DIRTYPE
+            tar.addfile(d)
+            link = tarfile.TarInfo("000001.lnk")
+            link.type, link.linkname = tarfile.SYMTYPE, "000001.jpg"
+            tar.addfile(link)
+            for name, data in members:
+                if fmt == tarfile.USTAR_FORMAT and (len(name) > 100 and "/" not in name[:155] or not name.isascii()):
+                    continue
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        assert _plain_tar(str(path))
+        ours = list(tar_members(str(path)))
+        assert ours == library(path) and len(ours) >= 4, fmt
+        assert [s["key"] for s in iter_shard_samples(str(path))][:1] == ["000001"]
+    raw = path.read_bytes()
+    (tmp_path / "cut.tar").write_bytes(raw[:1500])
+    with pytest.raises(tarfile.ReadError):
+        list(tar_members(str(tmp_path / "cut.tar")))
+    bad = bytearray(raw)
+    bad[10] ^= 0xFF  # inside the first header's name
+    (tmp_path / "bad.tar").write_bytes(bytes(bad))
+    with pytest.raises(tarfile.ReadError):
+        list(tar_members(str(tmp_path / "bad.tar")))
+    (tmp_path / "z.tar").write_bytes(gzip.compress(raw))
+    assert not _plain_tar(str(tmp_path / "z.tar"))
+    assert [s["key"] for s in iter_shard_samples(str(tmp_path / "z.tar"))] == \
+        [s["key"] for s in iter_shard_samples(str(path))]
