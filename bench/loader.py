@@ -5,16 +5,23 @@ at shorter side ``--size``, repeated to ``--samples`` samples and written as Web
 (img2dataset layout, captions in English and Korean in ``{key}.json``) in a temporary folder.
 Then, for each augmentation implementation (``clip.augment``: ``torchvision`` = the reference
 path, ``fast``, ``device``), the training stream of ``configs/clip.yaml`` (its multi-crop, caption
-languages and mode, context length and tokenizer) is read for ``--seconds``:
+languages and mode, context length and tokenizer) is read for ``--seconds``, in ``--rounds``
+interleaved rounds (the median is reported, so a slow spell of a shared machine touches every
+implementation alike):
 
 * ``--workers 0`` (default): in this process, one thread: images/s per core.
 * ``--workers N``: a DataLoader with N worker processes, as training runs it: images/s in total
   and per worker.
 
-``device`` does only the decode and the box draws on the CPU; its crops run batched on the
-accelerator (``clip.augment.finish_images``), timed separately (``finish``: ms per batch on
-``--device``) and not counted in its CPU images/s. The last line printed is the images/s per
-core of the default training path (``augment.impl`` of ``configs/clip.yaml``).
+``fast`` leaves the flips and the normalisation to the accelerator and ``device`` all but the
+decode and the box draws: that part (``clip.augment.finish_images``) is timed separately
+(``finish``: ms per batch on ``--device``) and not counted in the CPU images/s. The last line
+printed is the images/s per core of the default training path (``augment.impl`` of ``configs/clip.yaml``).
+
+Two libraries made for this are measured when asked for (``--impls ... dali kornia``) and
+installed: ``dali`` (NVIDIA DALI's CPU backend: its WebDataset reader, decoder and
+``random_resized_crop``, one thread, the captions tokenized as ours) and ``kornia`` (the device
+path's worker half, kornia's batched RandomResizedCrop + flip as the accelerator half).
 
     python bench/loader.py --photos ../shared/data/photos --size 256 --seconds 20
     python bench/loader.py --photos ../shared/data/photos --size 512 --workers 8 --device cuda
@@ -43,6 +50,7 @@ ROOT = os.path.dirname(_HERE)
 sys.path.insert(0, ROOT)
 
 IMPLS = ("torchvision", "fast", "device")
+OPTIONAL = ("dali", "kornia")  # measured when asked for (--impls ... dali kornia) and installed
 
 
 def write_shards(photos: Path, size: int, samples: int, out: Path, shard_size: int = 128) -> int:
@@ -98,7 +106,7 @@ def measure(cfg, impl: str, shards: str, tokenizer, batch: int, workers: int, se
     from clip.augment import build_multicrop, finish_images
     from clip.data import CaptionCollate, build_pair_dataset
 
-    aug = type(cfg.augment)(**{**cfg.augment.__dict__, "impl": impl})
+    aug = type(cfg.augment)(**{**cfg.augment.__dict__, "impl": "device" if impl == "kornia" else impl})
     ds = build_pair_dataset(shards, build_multicrop(aug), languages=cfg.data.languages)
     collate = CaptionCollate(tokenizer, cfg.data.languages, mode=cfg.data.caption_mode,
                              context_length=cfg.model.text.context_length)
@@ -118,18 +126,91 @@ def measure(cfg, impl: str, shards: str, tokenizer, batch: int, workers: int, se
     finish_ms = None
     if impl != "torchvision" or device != "cpu":
         dev = torch.device(device)
-        imgs = [x.to(dev) for x in first["images"]] if isinstance(first["images"], list) else \
-            {k: v.to(dev) for k, v in first["images"].items()}
+        from launch.loop import to_device
+
+        imgs = to_device(first["images"], dev)
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-        finish_images(imgs, aug)
+        finish = kornia_finish(aug, dev) if impl == "kornia" else (lambda x: finish_images(x, aug))
+        finish(imgs)
         sync()
         t = time.perf_counter()
         for _ in range(5):
-            finish_images(imgs, aug)
+            finish(imgs)
         sync()
         finish_ms = (time.perf_counter() - t) / 5 * 1e3
     return {"impl": impl, "images_per_s": rate, "per_core": rate / max(1, workers), "finish_ms": finish_ms,
             "batch_bytes": _nbytes(first["images"])}
+
+
+def kornia_finish(aug, dev):
+    """The device path's accelerator half done by kornia instead (``pip install kornia``): its
+    batched RandomResizedCrop (bicubic warp, no antialiasing) + flip per crop size, then the
+    normalisation, on the padded pixel batch. A timing comparison only: kornia draws its boxes on
+    the padded canvas, not on each image, so mixed sizes would not get the reference's crops."""
+    import kornia.augmentation as K
+    import torch
+
+    augs = [K.AugmentationSequential(K.RandomResizedCrop((size, size), scale=scale, ratio=(3 / 4, 4 / 3),
+                                                         resample="bicubic", p=1.0), K.RandomHorizontalFlip())
+            for size, scale in aug.specs()]
+    mean = torch.tensor(aug.mean, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(aug.std, device=dev).view(1, 3, 1, 1)
+
+    def finish(batch):
+        x = batch["pixels"].float() / 255.0
+        return [(a(x) - mean) / std for a in augs]
+    return finish
+
+
+def measure_dali(cfg, shards: str, tokenizer, batch: int, seconds: float) -> dict:
+    """The same views with NVIDIA DALI on its CPU backend (``nvidia-dali-cuda120`` installed): its
+    WebDataset reader, one decode (libjpeg-turbo), then per crop ``random_resized_crop`` (cubic,
+    antialias) and a random flip, uint8 HWC; captions tokenized as ``clip.data.CaptionCollate``
+    does. One DALI thread, synchronous execution: a per-core figure like the others."""
+    import glob
+
+    import numpy as np
+    import torch
+    from nvidia.dali import fn, pipeline_def, types
+
+    from clip.data import CaptionCollate, extract_captions
+    from mae.views import as_specs
+
+    files = sorted(glob.glob(os.path.join(shards, "*.tar")))
+    specs = as_specs(cfg.augment.specs())
+
+    @pipeline_def(batch_size=batch, num_threads=1, device_id=None, exec_async=False, exec_pipelined=False,
+                  prefetch_queue_depth=1, seed=0)
+    def views():
+        jpg, meta = fn.readers.webdataset(paths=files, ext=["jpg", "json"], name="reader")
+        img = fn.decoders.image(jpg, device="cpu", output_type=types.RGB)
+        crops = [fn.flip(fn.random_resized_crop(img, size=[size, size], random_area=list(scale),
+                                                random_aspect_ratio=[3 / 4, 4 / 3], interp_type=types.INTERP_CUBIC,
+                                                antialias=True), horizontal=fn.random.coin_flip())
+                 for size, scale in specs]
+        return (*crops, meta)
+
+    pipe = views()
+    pipe.build()
+    collate = CaptionCollate(tokenizer, cfg.data.languages, mode=cfg.data.caption_mode,
+                             context_length=cfg.model.text.context_length)
+
+    def one_batch() -> int:
+        *crops, meta = pipe.run()
+        images = [torch.from_numpy(np.array(c.as_tensor())).permute(0, 3, 1, 2) for c in crops]  # uint8 (B,3,S,S)
+        samples = [{"key": str(i), "image": None, "captions": extract_captions(json.loads(bytes(np.array(m))),
+                                                                               cfg.data.languages)[0]}
+                   for i, m in enumerate(meta)]
+        collate([{**s, "image": [x[i] for x in images]} for i, s in enumerate(samples)])
+        return len(samples)
+
+    one_batch()  # warm
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        n += one_batch()
+    rate = n / (time.perf_counter() - t0)
+    return {"impl": "dali", "images_per_s": rate, "per_core": rate, "finish_ms": None,
+            "batch_bytes": batch * sum(3 * size * size for size, _ in specs)}
 
 
 def train(cfg, impl: str, shards: str, tokenizer, batch: int, workers: int, steps: int, device: str,
@@ -188,21 +269,33 @@ def train(cfg, impl: str, shards: str, tokenizer, batch: int, workers: int, step
             "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")}
 
 
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a missing parent package
+        return False
+
+
 def _nbytes(images) -> int:
     if isinstance(images, dict):
-        return sum(v.numel() * v.element_size() for v in images.values())
-    return sum(x.numel() * x.element_size() for x in images)
+        return sum(_nbytes(v) for v in images.values())
+    if isinstance(images, (list, tuple)):
+        return sum(_nbytes(v) for v in images)
+    return images.numel() * images.element_size()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--photos", default=os.path.join(ROOT, "..", "shared", "data", "photos"))
     ap.add_argument("--size", type=int, default=256, help="shorter side of the re-encoded JPEGs")
-    ap.add_argument("--seconds", type=float, default=10.0, help="per implementation")
+    ap.add_argument("--seconds", type=float, default=10.0, help="per implementation (over all rounds)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=0, help="0: in-process, one thread (per-core figure)")
-    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS + OPTIONAL)
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "clip.yaml"))
     ap.add_argument("--device", default="cpu", help="where finish_images runs (cuda for the GPU path)")
     ap.add_argument("--train-steps", type=int, default=0, help="train the configured CLIP this many steps per impl")
@@ -227,7 +320,8 @@ def main() -> None:
         print(f"# {n_photos} photos at shorter side {args.size} px, {args.samples} samples in shards; "
               f"{a.global_crops} x {a.global_size} + {a.local_crops} x {a.local_size} px crops, captions "
               f"{list(cfg.data.languages)} ({cfg.data.caption_mode}), tokenizer {tok_src}; batch {args.batch_size}, "
-              f"workers {args.workers}, {args.seconds:g} s each, torch {torch.__version__}")
+              f"workers {args.workers}, {args.seconds:g} s each in {args.rounds} interleaved rounds (median), "
+              f"torch {torch.__version__}")
         if args.train_steps:
             print(f"{'impl':12s} {'data wait':>9s} {'step s':>7s} {'samples/s':>10s} {'MFU':>6s} {'peak GiB':>8s}"
                   f"  ({args.precision}, batch {args.batch_size}, {args.workers} workers, {args.train_steps} steps, "
@@ -238,10 +332,23 @@ def main() -> None:
                 print(f"{impl:12s} {100 * r['data_wait_share']:8.1f}% {r['step_s']:7.3f} {r['samples_per_s']:10.1f} "
                       f"{100 * r['mfu']:5.1f}% {r['peak_mem_gib']:8.1f}  (peak: {r['peak']})", flush=True)
             return
-        rows = {}
-        for impl in args.impls:
-            rows[impl] = measure(cfg, impl, str(tmp / "shards"), tok, args.batch_size, args.workers, args.seconds,
-                                 args.device)
+        # interleaved rounds (each impl args.seconds / rounds per round), the median per impl: a
+        # slow spell of a shared machine then touches every impl, not one
+        impls = list(args.impls)
+        for impl, module, wheel in (("dali", "nvidia.dali", "nvidia-dali-cuda120"), ("kornia", "kornia", "kornia")):
+            if impl in impls and not _installed(module):
+                print(f"# {impl}: skipped (pip install {wheel} to measure it)")
+                impls.remove(impl)
+        runs: dict[str, list[dict]] = {impl: [] for impl in impls}
+        for _ in range(args.rounds):
+            for impl in impls:
+                if impl == "dali":
+                    runs[impl].append(measure_dali(cfg, str(tmp / "shards"), tok, args.batch_size,
+                                                   args.seconds / args.rounds))
+                    continue
+                runs[impl].append(measure(cfg, impl, str(tmp / "shards"), tok, args.batch_size, args.workers,
+                                          args.seconds / args.rounds, args.device))
+        rows = {impl: sorted(r, key=lambda x: x["per_core"])[len(r) // 2] for impl, r in runs.items()}
     base = rows.get("torchvision")
     print(f"{'impl':12s} {'images/s':>9s} {'per core':>9s} {'vs torchvision':>15s} {'batch MiB':>10s} "
           f"{'finish ms/batch (' + args.device + ')':>26s}")
@@ -250,8 +357,8 @@ def main() -> None:
         fin = f"{r['finish_ms']:.1f}" if r["finish_ms"] is not None else "-"
         print(f"{impl:12s} {r['images_per_s']:9.1f} {r['per_core']:9.1f} {ratio:>15s} "
               f"{r['batch_bytes'] / 2**20:10.1f} {fin:>26s}")
-    if "device" in rows:
-        print("# device: CPU side only (decode + boxes); its crops run in finish_images on the accelerator")
+    if "device" in rows or "kornia" in rows:
+        print("# device, kornia: CPU side only (decode + boxes); their crops run on the accelerator (finish)")
     default = cfg.augment.impl
     if default in rows:
         print(f"{rows[default]['per_core']:.1f}")

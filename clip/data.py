@@ -155,18 +155,11 @@ def split_rows(rows: Sequence[dict], val_fraction: float, key_field: str = "base
 
 # ----------------------------------------------------------------------------- collate
 def collate_crops(images: list) -> list[torch.Tensor] | dict:
-    """Per-sample views -> V crop batches ``[(B, 3, H, W)]`` (float or uint8, as the views are); a
-    single tensor per sample is one view; ``clip.augment.DeviceMultiCrop`` outputs (dicts) are
-    batched by :func:`mae.views.collate_pending` for cropping on the accelerator."""
-    if isinstance(images[0], dict):
-        from mae.views import collate_pending
+    """Per-sample views -> the batch ``clip.augment.finish_images`` takes (:func:`mae.views.collate_views`):
+    V crop batches ``[(B, 3, H, W)]`` for the reference path, a dict for the fast and device paths."""
+    from mae.views import collate_views
 
-        return collate_pending(images)
-    images = [v if isinstance(v, (list, tuple)) else [v] for v in images]
-    V = len(images[0])
-    if any(len(v) != V for v in images):
-        raise ValueError("samples in one batch have different numbers of crops")
-    return [torch.stack([v[i] for v in images]) for i in range(V)]  # V x (B, 3, H, W)
+    return collate_views(images)
 
 
 CaptionMode = Literal["all", "sample"]  # every language a positive, or one random caption per image

@@ -217,16 +217,13 @@ class ImageDataset(ShardedImageSource):
 
 def collate_images(samples: list[dict]) -> dict:
     """A batch of :class:`ImageDataset` items: ``{"images": (B, C, H, W), "n_skipped", "n_broken_shards",
-    "worker", "pos", "size"}``; the counts summed, ``worker``/``pos`` those of the last item. Views
-    of :mod:`mae.views` (one crop, uint8) are stacked the same way; its device path's pending crops
-    are batched for the accelerator (:func:`mae.views.collate_pending`)."""
-    images = [s["image"] for s in samples]
-    if isinstance(images[0], dict):
-        from mae.views import collate_pending
+    "worker", "pos", "size"}``; the counts summed, ``worker``/``pos`` those of the last item. The
+    views of :mod:`mae.views` (fast: uint8 with flips; device: pending crops) are batched as
+    :func:`mae.views.collate_views` does, for ``finish_views`` on the accelerator."""
+    from mae.views import collate_views
 
-        return {"images": collate_pending(images), **batch_position(samples)}
-    images = [x[0] if isinstance(x, (list, tuple)) else x for x in images]
-    return {"images": torch.stack(images), **batch_position(samples)}
+    images = collate_views([s["image"] for s in samples])
+    return {"images": images[0] if isinstance(images, list) else images, **batch_position(samples)}
 
 
 def batch_position(samples: list[dict]) -> dict:

@@ -20,7 +20,7 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as F
 
 from clip.augment import DeviceMultiCrop, FastMultiCrop, MultiCrop, MultiCropConfig, finish_images
-from mae.views import collate_pending, draw_crops, open_for_crops, reduction_for, sample_box
+from mae.views import apply_flips, collate_pending, collate_views, draw_crops, open_for_crops, reduction_for, sample_box
 from clip.data import CaptionCollate, build_pair_dataset
 from mae.data import load_rgb
 
@@ -103,15 +103,21 @@ def test_fast_path_gives_the_reference_pixels(data_dir, name):
     fast = FastMultiCrop(CFG)
     for seed in range(3):
         torch.manual_seed(seed)
-        out = fast(data)
+        item = fast(data)
+        out = apply_flips(item)
         torch.manual_seed(seed)
         rgb, crops = open_for_crops(data, CFG)
         assert rgb.size == tuple(full.shape[:0:-1])
         assert [tuple(c.shape) for c in out] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 4
+        assert item["flips"].tolist() == [flip for _, _, flip in crops]
         for c, (box, size, flip) in zip(out, crops):
             assert c.dtype == torch.uint8
             assert box == tuple(map(round, box))  # not reduced: whole-pixel boxes
             assert torch.equal(c, reference_crop(full, tuple(map(round, box)), size, flip))
+        # batched: flipped and normalised on the "device" as the reference does per image
+        got = finish_images(collate_views([item]), CFG)
+        want = finish_images([c[None].contiguous() for c in out], CFG)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
     # normalisation on the "device" equals the reference's ToDtype + Normalize
     ref = MultiCrop(CFG).global_transform.transforms[-2:]
     x = out[0]
@@ -129,7 +135,7 @@ def test_reduced_jpeg_decode_stays_close_to_the_reference(data_dir):
     errors, reductions = [], set()
     for seed in range(6):
         torch.manual_seed(seed)
-        out = fast(data)
+        out = apply_flips(fast(data))
         torch.manual_seed(seed)
         rgb, _ = open_for_crops(data, CFG)
         reductions.add(round(full.shape[-1] / rgb.width))
@@ -151,7 +157,7 @@ def test_device_path_matches_the_fast_path(data_dir):
     pending, expected = [], []
     for i, s in enumerate(srcs):
         torch.manual_seed(i)
-        expected.append(fast(s))
+        expected.append(apply_flips(fast(s)))
         torch.manual_seed(i)
         pending.append(dev(s))
     batch = collate_pending(pending)
@@ -188,9 +194,9 @@ def test_fast_path_strong_augmentation_stays_uint8(data_dir):
     differ = []
     for seed in range(4):
         torch.manual_seed(seed)
-        a = weak(data)
+        a = apply_flips(weak(data))
         torch.manual_seed(seed)
-        b = strong(data)
+        b = apply_flips(strong(data))
         assert all(x.dtype == torch.uint8 and x.shape == y.shape for x, y in zip(a, b))
         differ.append(not torch.equal(a[0], b[0]))
     assert any(differ)
