@@ -35,9 +35,10 @@ class TrainConfig:
     """Optimisation and run-length settings shared by both stages.
 
     ``lr`` is the absolute peak learning rate; when it is null it is derived as
-    ``base_lr * global_batch / 256`` (the MAE paper's rule). ``precision`` is fp32, bf16 (autocast
-    over fp32 weights) or fp16 (DeepSpeed's half weights with dynamic loss scaling; needs a GPU);
-    ``launch.optim.PRECISIONS`` says what each means.
+    ``base_lr * global_batch / 256`` (the MAE paper's rule). ``precision`` is fp32, bf16 or fp16
+    (autocast over fp32 weights; fp16 with dynamic loss scaling: ``fp16_initial_scale_power``,
+    doubled every ``fp16_loss_scale_window`` steps without overflow); ``launch.optim.PRECISIONS``
+    says what each means.
     """
 
     steps: int = 100
@@ -55,7 +56,6 @@ class TrainConfig:
     zero_stage: Literal[0, 1, 2] = 0
     fp16_initial_scale_power: int = 16
     fp16_loss_scale_window: int = 1000
-    fp16_hysteresis: int = 2
     seed: int = 0
     num_workers: int = 1
     grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory

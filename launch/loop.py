@@ -25,7 +25,7 @@ from launch.dist import (Dist, all_ranks_true, all_reduce, barrier, fault_point,
                          set_rng_state, shutdown_distributed)
 from launch.guard import Diverged, Guard
 from launch.monitor import Monitor
-from launch.optim import FreezeSchedule, LRSchedule, autocast, global_batch
+from launch.optim import FreezeSchedule, LRSchedule, autocast, clip_at_loss_scale, global_batch, grad_scaler
 from launch.stream import BatchStream
 from launch.telemetry import Telemetry, progress_line
 from mae.checkpoint import atomic_write_text
@@ -163,6 +163,8 @@ class Trainer:
         self.counts: dict[str, float] = {}
         self.totals: dict[str, float] = {}
         self.n_acc = 0
+        self.scaler = grad_scaler(engine)  # fp16: DeepSpeed's loss scaler (its state is checkpointed here)
+        self.fp16_skipped = 0  # optimizer steps the scaler skipped (overflow)
         n = stream.dataset.num_samples() if hasattr(stream.dataset, "num_samples") else None  # read once
         self.telemetry = Telemetry(train, dist, run.peak_tflops, n)
 
@@ -176,7 +178,8 @@ class Trainer:
                 "identity": {k: v[0] for k, v in self.identity.items()},
                 "stream": self.stream.state_dict(), "rng": rng_state(),
                 "loop": {"acc": dict(self.acc), "counts": dict(self.counts), "totals": dict(self.totals),
-                         "n_acc": self.n_acc},
+                         "n_acc": self.n_acc, "fp16_skipped": self.fp16_skipped},
+                "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "guard": self.guard.state_dict() if self.guard else None}
 
     def save(self) -> None:
@@ -189,6 +192,9 @@ class Trainer:
         self.stream.load_state_dict(state["stream"])
         loop = state["loop"]
         self.acc, self.counts, self.totals, self.n_acc = loop["acc"], loop["counts"], loop["totals"], loop["n_acc"]
+        self.fp16_skipped = loop.get("fp16_skipped", 0)
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
         if self.guard and state["guard"]:
             self.guard.load_state_dict(state["guard"])
         set_rng_state(state["rng"])
@@ -227,23 +233,28 @@ class Trainer:
                 self.freeze.apply(self.step)
             logged = self._logs_after(self.step + 1)
             tel = self.telemetry
+            scale = self.scaler.get_scale() if self.scaler is not None else None
+            if scale is not None:
+                clip_at_loss_scale(self.engine, train, scale)
             if self.whole_step is not None:  # one call does every micro-batch's backward and step
                 batches = [self._next() for _ in range(train.grad_accum)]
                 if tel.flops_per_sample is None:  # an extra forward, once, that draws nothing
                     with preserved_rng(), autocast(train, dist.device):
                         tel.count(lambda: self.step_fn(batches[0]), train.micro_batch_size, grad=False)
                 self._record(*self.whole_step(batches), micro_steps=train.grad_accum)
-                tel.after_step(self.engine, logged)
+                tel.after_step(self.engine, logged, loss_scale=scale or 1.0)
             else:
                 for _ in range(train.grad_accum):
                     batch = self._next()
                     with autocast(train, dist.device):
                         loss, metrics = tel.count(lambda: self.step_fn(batch), train.micro_batch_size)
                     self.engine.backward(loss)
-                    own = tel.own_grad_norm(self.engine, logged)
+                    own = tel.own_grad_norm(self.engine, logged, scale or 1.0)
                     self.engine.step()
                     self._record(loss, metrics)
-                tel.after_step(self.engine, logged, own)
+                tel.after_step(self.engine, logged, own, loss_scale=scale or 1.0)
+            if scale is not None and self.scaler.get_scale() < scale:  # overflow: the scaler skipped the step
+                self.fp16_skipped += 1
             if self.after_step is not None:
                 self.after_step()
             self.step += 1
@@ -292,8 +303,9 @@ class Trainer:
         logs = {f"train/{k}": v for k, v in avg.items()}
         running = {k: self.totals.get(k, 0.0) + dropped.get(k, 0.0) for k in {*self.totals, *dropped}}
         logs.update({f"train/{k.split('/', 1)[1]}_total": v for k, v in sorted(running.items())})
-        if self.train.precision == "fp16":
-            logs["train/fp16_skipped_steps_total"] = float(getattr(self.engine, "skipped_steps", 0))
+        if self.scaler is not None:
+            logs["train/fp16_skipped_steps_total"] = float(self.fp16_skipped)
+            logs["train/fp16_loss_scale"] = float(self.scaler.get_scale())
         logs["train/lr"] = self.schedule.lr(self.step - 1)
         logs.update(self.telemetry.row(seconds, self.step, self.n_acc))
         self.monitor.log(self.step, logs)

@@ -28,20 +28,24 @@ class PrecisionSpec:
     needs_gpu: bool = False
 
 
-# bf16 is autocast over fp32 weights (as open_clip's amp_bf16): every parameter (LayerNorm,
-# embeddings, logit_scale) stays fp32 and the optimizer needs no master copy; matmuls run in bf16,
-# softmax / LayerNorm / the loss in fp32 where autocast's policy says so (on CUDA it does). fp16 needs
-# loss scaling, which DeepSpeed does for half weights only: its fp16 engine, on GPUs.
+# bf16 and fp16 are autocast over fp32 weights (as open_clip's amp_bf16 / amp): every parameter
+# (LayerNorm, embeddings, logit_scale) stays fp32, so the optimizer needs no master copy; matmuls run
+# in half precision, softmax / LayerNorm / the loss in fp32 where autocast's policy says so. Both go
+# through DeepSpeed's ``torch_autocast`` section (DeepSpeed >= 0.18): its engine forward applies the
+# autocast (and, since 0.17.2, switches off any autocast it was not configured with: without the
+# section a bf16 forward under the engine would run in fp32 on GPUs), and for fp16 it scales the
+# loss with a GradScaler at every ZeRO stage. ``lower_precision_safe_modules: []`` keeps gradient
+# communication in fp32 (DeepSpeed's default would all-reduce Linear/Conv gradients in half precision).
 PRECISIONS: dict[str, PrecisionSpec] = {
     "fp32": PrecisionSpec(torch.float32, None, None),
-    "bf16": PrecisionSpec(torch.float32, torch.bfloat16, None),
-    "fp16": PrecisionSpec(torch.float16, None, "fp16", needs_gpu=True),  # DeepSpeed's CPU accelerator has no fp16
+    "bf16": PrecisionSpec(torch.float32, torch.bfloat16, "torch_autocast"),
+    "fp16": PrecisionSpec(torch.float32, torch.float16, "torch_autocast"),
 }
 assert set(PRECISIONS) == set(get_args(Precision))
 
 
 def autocast(train: TrainConfig, device: torch.device):
-    """The context the forward runs in: ``torch.autocast`` for bf16, nothing otherwise."""
+    """The context the forward runs in: ``torch.autocast`` for bf16 and fp16, nothing for fp32."""
     dtype = PRECISIONS[train.precision].autocast
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
@@ -49,8 +53,7 @@ def autocast(train: TrainConfig, device: torch.device):
 def check_machine(train: TrainConfig, device_type: str) -> None:
     """One clear line for a precision this machine cannot run (checked before any process work)."""
     if PRECISIONS[train.precision].needs_gpu and device_type == "cpu":
-        raise ConfigError(f"train.precision={train.precision} needs a GPU: DeepSpeed's CPU accelerator "
-                          "has no fp16; use bf16 or fp32")
+        raise ConfigError(f"train.precision={train.precision} needs a GPU; use bf16 or fp32")
 
 
 def global_batch(train: TrainConfig, world_size: int) -> int:
@@ -68,18 +71,43 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    key = PRECISIONS[train.precision].deepspeed_key
-    if key is not None:
-        cfg[key] = {"enabled": True}
-    if train.precision == "fp16":
-        cfg["fp16"].update({
-            "loss_scale": 0,  # dynamic
-            "initial_scale_power": train.fp16_initial_scale_power,
-            "loss_scale_window": train.fp16_loss_scale_window,
-            "hysteresis": train.fp16_hysteresis,
-            "min_loss_scale": 1,
-        })
+    spec = PRECISIONS[train.precision]
+    if spec.deepspeed_key == "torch_autocast":
+        cfg["torch_autocast"] = {"enabled": True, "dtype": str(spec.autocast), "lower_precision_safe_modules": []}
     return cfg
+
+
+def grad_scaler(engine) -> Optional["torch.amp.GradScaler"]:
+    """The fp16 loss scaler DeepSpeed keeps for ``torch_autocast`` (the engine's without ZeRO, the
+    ZeRO optimizer's with it), or None."""
+    return getattr(engine, "torch_autocast_z0_gradscaler", None) or \
+        getattr(getattr(engine, "optimizer", None), "torch_autocast_gradscaler", None)
+
+
+def clip_at_loss_scale(engine, train: TrainConfig, scale: float) -> None:
+    """Under fp16 the ZeRO 1/2 optimizer clips the gradients while they still carry the GradScaler's
+    scale (its own loss scale stays 1), so its threshold must carry it too: ``train.grad_clip x
+    scale``, set before each step. (DeepSpeed 0.19 clips at ``train.grad_clip`` of the scaled norm,
+    i.e. ~``scale`` times too hard.) Without ZeRO the engine unscales before it clips."""
+    if train.zero_stage > 0 and train.grad_clip > 0 and hasattr(engine.optimizer, "clip_grad"):
+        engine.optimizer.clip_grad = train.grad_clip * scale
+
+
+def configure_grad_scaler(engine, train: TrainConfig) -> None:
+    """Give DeepSpeed's fp16 GradScaler our settings: initial scale ``2 ** fp16_initial_scale_power``,
+    doubled after ``fp16_loss_scale_window`` steps without overflow, halved (and the step skipped)
+    on one. DeepSpeed builds it with torch's defaults and no config keys for them."""
+    from deepspeed.accelerator import get_accelerator
+
+    scaler = grad_scaler(engine)
+    if scaler is None:
+        return
+    mine = torch.amp.GradScaler(get_accelerator().device_name(), init_scale=2.0 ** train.fp16_initial_scale_power,
+                                growth_interval=train.fp16_loss_scale_window)
+    if getattr(engine, "torch_autocast_z0_gradscaler", None) is scaler:
+        engine.torch_autocast_z0_gradscaler = mine
+    else:
+        engine.optimizer.torch_autocast_gradscaler = mine
 
 
 class LRSchedule:
@@ -192,7 +220,7 @@ def maybe_compile(model: nn.Module, train: TrainConfig) -> None:
 
 def clamp_parameter_(param: torch.Tensor, low: float, high: float) -> None:
     """Clamp a parameter in place, and the fp32 master copy DeepSpeed keeps of it where it keeps
-    one (ZeRO 1/2, its bf16 and fp16 optimizers); every rank calls this after the optimizer step."""
+    one (ZeRO 1/2); every rank calls this after the optimizer step."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
     with torch.no_grad():
@@ -223,4 +251,5 @@ def build_engine(model: nn.Module, train: TrainConfig, dist: Dist, freeze: Optio
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=ds_cfg, dist_init_required=False
     )
+    configure_grad_scaler(engine, train)
     return engine, ds_cfg, schedule

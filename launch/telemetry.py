@@ -89,20 +89,23 @@ class Telemetry:
             out = fn() if grad else None
         return out
 
-    def own_grad_norm(self, engine, logged: bool) -> Optional[float]:
+    def own_grad_norm(self, engine, logged: bool, loss_scale: float = 1.0) -> Optional[float]:
         """Without ZeRO DeepSpeed keeps no gradient norm: on a logged step, at the accumulation
-        boundary (gradients already averaged over ranks), it is taken here before the step clips."""
+        boundary (gradients already averaged over ranks), it is taken here before the step clips
+        (and, under fp16, divided by the loss scale the gradients still carry)."""
         if not logged or self.train.zero_stage != 0 or not engine.is_gradient_accumulation_boundary():
             return None
-        return model_grad_norm(engine.module)
+        norm = model_grad_norm(engine.module)
+        return None if norm is None else norm / loss_scale
 
-    def after_step(self, engine, logged: bool, own: Optional[float] = None) -> None:
+    def after_step(self, engine, logged: bool, own: Optional[float] = None, loss_scale: float = 1.0) -> None:
         """Count an optimizer step; on a logged one keep its gradient norm (DeepSpeed's when it
-        has one, i.e. with ZeRO or clipping, else ``own``)."""
+        has one, i.e. with ZeRO, divided by the fp16 ``loss_scale`` its gradients carried, else
+        ``own``)."""
         self.steps += 1
         if logged:
             norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
-            norm = own if norm is None else norm
+            norm = own if norm is None else float(norm) / loss_scale
             if norm is not None:
                 self.grad_norm = float(norm)
 

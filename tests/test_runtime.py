@@ -3,7 +3,7 @@
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 import subprocess
 import sys
 
@@ -42,23 +42,25 @@ def test_deepspeed_config_fields():
     t = TrainConfig(micro_batch_size=4, grad_accum=3, precision="fp16", zero_stage=2, grad_clip=1.0)
     ds = deepspeed_config(t, world_size=2)
     assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 3
-    assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
-                          "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    # half precision is DeepSpeed's torch autocast over fp32 weights, gradients communicated in fp32
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "torch.float16", "lower_precision_safe_modules": []}
+    assert "fp16" not in ds and "bf16" not in ds
+    assert deepspeed_config(replace(t, precision="bf16"), 2)["torch_autocast"]["dtype"] == "torch.bfloat16"
+    assert "torch_autocast" not in deepspeed_config(replace(t, precision="fp32"), 2)
     assert ds["zero_optimization"] == {"stage": 2} and ds["gradient_clipping"] == 1.0
 
 
 def test_precision_checks():
     from launch.config import load_config
 
-    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
-        check_machine(TrainConfig(precision="fp16"), "cpu")
+    check_machine(TrainConfig(precision="fp16"), "cpu")  # DeepSpeed's torch autocast runs fp16 on CPUs too
     with pytest.raises(ConfigError, match="'train.precision' must be one of fp32, bf16, fp16, got 'fp8'"):
         load_config(_Run, None, ["train.precision=fp8"])
     with pytest.raises(ConfigError, match="'train.zero_stage' must be one of 0, 1, 2, got 3"):
         load_config(_Run, None, ["train.zero_stage=3"])
     check_machine(TrainConfig(precision="fp16"), "cuda")
     assert {k: (v.weights, v.autocast) for k, v in PRECISIONS.items()} == {
-        "fp32": (torch.float32, None), "bf16": (torch.float32, torch.bfloat16), "fp16": (torch.float16, None)}
+        "fp32": (torch.float32, None), "bf16": (torch.float32, torch.bfloat16), "fp16": (torch.float32, torch.float16)}
     assert "bf16" not in deepspeed_config(TrainConfig(precision="bf16"), 1)  # fp32 optimizer, no master copy
     layer = torch.nn.Linear(4, 4)
     with autocast(TrainConfig(precision="bf16"), torch.device("cpu")):
@@ -182,3 +184,51 @@ def test_guard_spike_chance_and_temperature():
     with pytest.raises(Diverged, match="temperature 2 at step 1 is above guard.max_temperature=1"):
         Guard(GuardConfig()).check(1, {"train/loss": 3.0, "train/temperature": 2.0})
     Guard(GuardConfig(max_temperature=0, loss_spike=0)).check(1, {"train/loss": 3.0, "train/temperature": 2.0})
+
+
+@pytest.mark.slow
+def test_half_precision_keeps_fp32_weights_and_scales_fp16_losses(tmp_path, free_port):
+    """bf16 and fp16 runs (DeepSpeed's torch autocast, here on the CPU): every parameter stays
+    fp32, the engine's forward runs under the autocast policy of the device (Linear outputs half;
+    LayerNorm as the policy says: fp32 on CUDA, half on CPUs), and the weights land near the fp32 run's. fp16 with an initial loss scale of 2**40 overflows: the
+    scaler skips those steps and halves the scale, and the log says how many it skipped."""
+    runs = {"fp32": [], "bf16": ["train.precision=bf16"], "fp16": ["train.precision=fp16", "train.fp16_initial_scale_power=8"],
+            "fp16_overflow": ["train.precision=fp16", "train.fp16_initial_scale_power=22", "train.steps=12"]}
+    for name, over in runs.items():
+        _run([sys.executable, SCRIPT, str(tmp_path / name), *over], cwd=tmp_path)
+    _run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port), SCRIPT, str(tmp_path / "fp16_zero2"),
+          "train.precision=fp16", "train.fp16_initial_scale_power=8", "train.micro_batch_size=4", "train.zero_stage=2"],
+         cwd=tmp_path)
+    runs["fp16_zero2"] = []
+    # clipping (the script's grad_clip=1.0 binds: norms 1.06-1.7) of fp16 gradients under ZeRO-2: with
+    # Adam's eps at 1 the update is not scale-free, so a threshold off by the loss scale would show
+    clip = ["train.eps=1.0", "train.grad_clip=0.5"]
+    _run([sys.executable, SCRIPT, str(tmp_path / "clip_fp32"), *clip], cwd=tmp_path)
+    _run(["deepspeed", "--num_gpus", "2", "--master_port", str(_another_port(free_port)), SCRIPT,
+          str(tmp_path / "clip_fp16_zero2"), *clip, "train.precision=fp16", "train.fp16_initial_scale_power=8",
+          "train.micro_batch_size=4", "train.zero_stage=2"], cwd=tmp_path)
+    for key, ref in torch.load(tmp_path / "clip_fp32" / "final.pt", weights_only=True).items():
+        got = torch.load(tmp_path / "clip_fp16_zero2" / "final.pt", weights_only=True)[key]
+        torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-3, msg=key)
+    final = {k: torch.load(tmp_path / k / "final.pt", weights_only=True) for k in runs}
+    dtypes = {k: json.loads((tmp_path / k / "dtypes.json").read_text()) for k in runs}
+    rows = {k: [json.loads(x) for x in (tmp_path / k / "metrics.jsonl").read_text().splitlines()] for k in runs}
+    assert all(d["params"] == ["torch.float32"] for d in dtypes.values())
+    assert dtypes["fp32"]["outputs"] == ["layernorm:torch.float32", "linear:torch.float32"]
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        with torch.autocast("cpu", dtype=dtype):
+            policy = torch.nn.LayerNorm(4)(torch.nn.Linear(4, 4)(torch.randn(2, 4))).dtype
+        assert dtypes[name]["outputs"] == [f"layernorm:{policy}", f"linear:{dtype}"]
+    # the first step (same weights, same batch): loss and gradient norm (the fp16 one unscaled) as fp32's
+    first = {k: (r[0]["train/loss"], r[0]["train/grad_norm"]) for k, r in rows.items() if k != "fp16_overflow"}
+    for name, tol in (("bf16", 2e-2), ("fp16", 2e-3), ("fp16_zero2", 2e-3)):
+        assert first[name] == pytest.approx(first["fp32"], rel=tol), name
+    assert "train/fp16_loss_scale" not in rows["bf16"][-1]
+    assert rows["fp16"][-1]["train/fp16_skipped_steps_total"] == 0 and rows["fp16"][-1]["train/fp16_loss_scale"] == 256
+    over = rows["fp16_overflow"]
+    skipped = over[-1]["train/fp16_skipped_steps_total"]
+    assert 1 <= skipped <= 9 and over[-1]["train/fp16_loss_scale"] == 2.0 ** (22 - skipped)
+    assert "train/grad_norm" not in over[0]  # an overflowing step has no finite norm
+    assert over[-1]["train/fp16_loss_scale"] == over[-3]["train/fp16_loss_scale"]  # settled: steps taken again
+    assert all("train/grad_norm" in r for r in over[-3:])
+    assert all(torch.isfinite(v).all() for v in final["fp16_overflow"].values())

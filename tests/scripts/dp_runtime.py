@@ -31,6 +31,9 @@ def main(argv):
     dist = init_distributed()
     set_seed(cfg.train.seed)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.LayerNorm(16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+    seen = set()  # dtypes of the first Linear's and the LayerNorm's outputs in the training forwards
+    model[0].register_forward_hook(lambda m, i, o: seen.add(("linear", str(o.dtype))))
+    model[1].register_forward_hook(lambda m, i, o: seen.add(("layernorm", str(o.dtype))))
     engine, ds, schedule = build_engine(model, cfg.train, dist)
     run_dir = prepare_run_dir(cfg.run, cfg, dist, {"ds_config.json": ds})
     gen = torch.Generator().manual_seed(123)
@@ -52,6 +55,11 @@ def main(argv):
     Trainer(engine, stream, step_fn, cfg.train, cfg.run, dist, monitor, schedule).fit()
     if dist.is_main:
         torch.save({k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}, Path(out) / "final.pt")
+        import json
+
+        (Path(out) / "dtypes.json").write_text(json.dumps({
+            "params": sorted({str(p.dtype) for p in engine.module.parameters()}),
+            "outputs": sorted(f"{k}:{v}" for k, v in seen)}))
         monitor.close()
 
 
