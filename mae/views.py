@@ -159,8 +159,12 @@ def apply_flips(item: dict) -> list[torch.Tensor]:
 
 
 def pil_to_uint8(img) -> torch.Tensor:
-    """RGB PIL image or (H, W, 3) uint8 array -> (3, H, W) uint8 tensor (channels-first view of one copy)."""
-    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+    """RGB PIL image or (H, W, 3) uint8 array -> (3, H, W) uint8 tensor, a channels-first view of
+    the array (copied only if it is read-only or strided)."""
+    a = np.asarray(img, dtype=np.uint8)
+    if not (a.flags.writeable and a.flags.c_contiguous):
+        a = np.array(a)
+    return torch.from_numpy(a).permute(2, 0, 1)
 
 
 def stack_views(views: list[torch.Tensor]) -> torch.Tensor:
@@ -213,18 +217,19 @@ class DeviceCrops:
 
 
 def collate_pending(items: list[dict]) -> dict:
-    """Batch :class:`DeviceCrops` outputs: pixels zero-padded to the largest image, (B, 3, H, W)
-    uint8, with ``boxes`` (B, V, 4) and ``flips`` (B, V)."""
+    """Batch :class:`DeviceCrops` outputs: pixels padded to the largest image, (B, 3, H, W) uint8
+    (channels-last: the workers' decoded layout, copied without a transpose), with ``boxes``
+    (B, V, 4) and ``flips`` (B, V)."""
     H = max(it["pixels"].shape[1] for it in items)
     W = max(it["pixels"].shape[2] for it in items)
-    pixels = torch.zeros(len(items), 3, H, W, dtype=torch.uint8)
+    pixels = torch.empty(len(items), H, W, 3, dtype=torch.uint8)  # (B, H, W, 3)
     for i, it in enumerate(items):
-        p = it["pixels"]
-        h, w = p.shape[1:]
-        pixels[i, :, :h, :w] = p
-        pixels[i, :, h:, :w] = p[:, -1:, :]  # edge-replicated padding: the resample at a box's
-        pixels[i, :, :, w:] = pixels[i, :, :, w - 1:w]  # edge reads the image's edge, not zeros
-    return {"pixels": pixels, "boxes": torch.stack([it["boxes"] for it in items]),
+        p = it["pixels"].permute(1, 2, 0)  # (h, w, 3)
+        h, w = p.shape[:2]
+        pixels[i, :h, :w] = p
+        pixels[i, h:, :w] = p[-1:]  # edge-replicated padding: the resample at a box's edge
+        pixels[i, :, w:] = pixels[i, :, w - 1:w]  # reads the image's edge, not zeros
+    return {"pixels": pixels.permute(0, 3, 1, 2), "boxes": torch.stack([it["boxes"] for it in items]),
             "flips": torch.stack([it["flips"] for it in items])}
 
 
@@ -264,7 +269,7 @@ def _device_crops(batch: dict, specs, mean, std, chunk: int) -> list[torch.Tenso
         raise ValueError(f"device batch has {V} crops per image, the view specs {len(sizes)}")
     out: list[list[torch.Tensor]] = [[] for _ in range(V)]
     for lo in range(0, B, chunk):
-        px = pixels[lo:lo + chunk].float()  # (b, 3, H, W) in [0, 255]
+        px = pixels[lo:lo + chunk].contiguous().float()  # (b, 3, H, W) in [0, 255], planar for roi_align
         b = px.shape[0]
         idx = torch.arange(b, device=px.device, dtype=torch.float32)
         for size in dict.fromkeys(sizes):  # one roi_align per crop size
