@@ -9,7 +9,7 @@ the same batch every step. Each variant runs in a fresh subprocess (clean peak-m
   ``clip.loss.ClipLoss``; the text tower stops at the batch's last EOT.
 * ``ours_pd0.5``: the same with FLIP patch dropout 0.5 in the image tower.
 * ``ours_ckpt``: ``ours`` with activation checkpointing in both towers.
-* ``ours_compile``: ``ours`` after ``model.compile()`` (inductor).
+* ``ours_compile``: ``ours`` after ``model.compile()`` (inductor); ``ours_pd0.5_compile``: both.
 * ``ours_cached``: ``ours`` as ``--accum`` micro-batches of batch / accum with feature-cached
   accumulation (``launch.gradcache``): the same contrastive batch at a micro-batch's memory.
 
@@ -41,7 +41,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))  # the project root, for launch.perf
 from launch.perf import peak_tflops, step_flops  # noqa: E402
 
-VARIANTS = ("open_clip", "ours", "ours_pd0.5", "ours_ckpt", "ours_compile", "ours_cached")
+VARIANTS = ("open_clip", "ours", "ours_pd0.5", "ours_pd0.5_compile", "ours_ckpt", "ours_compile", "ours_cached")
 
 
 def make_inputs(batch_size: int, caption_len: tuple[int, int], seed: int = 0):
@@ -81,7 +81,7 @@ def run_variant(name: str, args) -> dict:
         from clip.loss import ClipLoss
         from clip.model import CLIP, CLIPConfig
         from launch.optim import param_groups
-        pd = 0.5 if name == "ours_pd0.5" else 0.0
+        pd = 0.5 if name.startswith("ours_pd0.5") else 0.0
         model = CLIP(CLIPConfig(patch_dropout=pd))
         loss_fn = ClipLoss()
         t = model.cfg.text
@@ -133,7 +133,7 @@ def run_variant(name: str, args) -> dict:
     else:
         def fwd_bwd():
             return plain_fwd_bwd(images, tokens)
-    if name == "ours_compile":
+    if name.endswith("_compile"):
         model.compile()
     n_params = sum(p.numel() for p in model.parameters())
 

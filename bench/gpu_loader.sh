@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
 nproc | tee -a "$out/gpu.txt"
 for w in 8 16; do
   timeout 150 python3 bench/loader.py --photos "$photos" --size 256 --samples 2048 --batch-size 256 --seconds 6 \
-      --workers $w --device cuda 2>&1 | tee "$out/loader_w$w.txt"
+      --workers $w --device cuda --rounds 1 2>&1 | tee "$out/loader_w$w.txt"
 done
 timeout 330 python3 bench/loader.py --photos "$photos" --size 256 --samples 1024 --batch-size 256 --workers 12 \
     --train-steps 200 --device cuda --precision bf16 --impls fast device torchvision 2>&1 | tee "$out/train_w12.txt"
