@@ -110,12 +110,24 @@ def decode_for_crops(src, specs) -> tuple[np.ndarray, list]:
         if info is not None:
             crops = draw_crops(specs, info.width, info.height)
             s = reduction_for(crops)
-            a = jpeg.decode(data, info, s)
+            try:
+                a = jpeg.decode(data, info, s)
+            except ValueError:  # libjpeg warned (e.g. extraneous bytes) or failed: Pillow decides, as on
+                a = _pillow_array(data, s)  # the reference path (it decodes the former, raises for the latter)
             sx, sy = info.width / a.shape[1], info.height / a.shape[0]
             return a, [((l / sx, t / sy, r / sx, b / sy), size, flip) for (l, t, r, b), size, flip in crops]
         src = data
     rgb, crops = open_for_crops(src, specs)
     return np.asarray(rgb), crops
+
+
+def _pillow_array(data: bytes, reduction: int) -> np.ndarray:
+    """Pillow's upright RGB array of an encoded image, DCT-reduced by ``reduction`` where it is a JPEG."""
+    with Image.open(io.BytesIO(data)) as img:
+        if reduction > 1 and img.format == "JPEG":
+            img.draft("RGB", (math.ceil(img.size[0] / reduction), math.ceil(img.size[1] / reduction)))
+        img.load()  # truncated data raises here
+        return np.asarray(to_rgb(img))
 
 
 def _read(path) -> bytes:

@@ -39,9 +39,10 @@ def test_every_exif_orientation_gives_pillows_upright_pixels(photo, orientation)
     assert np.array_equal(jpeg.decode(data, info), want)
 
 
-def test_greyscale_and_reduced_decodes_equal_pillow(photo, data_dir):
-    grey = encode(photo.convert("L"))
-    assert np.array_equal(jpeg.decode(grey, jpeg.probe(grey)), np.asarray(load_rgb(grey)))
+def test_greyscale_progressive_444_and_reduced_decodes_equal_pillow(photo, data_dir):
+    for data in (encode(photo.convert("L")), encode(photo, progressive=True), encode(photo, subsampling=0),
+                 encode(photo, subsampling=1)):
+        assert np.array_equal(jpeg.decode(data, jpeg.probe(data)), np.asarray(load_rgb(data)))
     data = (data_dir / "photos" / "coffee.jpg").read_bytes()  # 600 x 400: Pillow's draft reduces it too
     info = jpeg.probe(data)
     for s in (2, 4, 8):
@@ -67,8 +68,16 @@ def test_what_it_cannot_vouch_for_goes_to_pillow(photo, data_dir):
     assert jpeg.probe(plain_xmp) == (451, 300, 1)
 
 
-def test_corrupt_data_raises(data_dir):
+def test_corrupt_data_raises_and_what_pillow_reads_is_kept(data_dir):
+    """Truncated data raises (the stream skips and counts it); data that libjpeg only warns about
+    (extraneous bytes before the end marker, common on the web) is decoded by Pillow, as the
+    reference path decodes it, with the same crops."""
     data = (data_dir / "photos" / "chelsea.jpg").read_bytes()
+    noisy = data[:-2] + b"\x00\x00\x00" + data[-2:]
+    with pytest.raises(ValueError):
+        jpeg.decode(noisy, jpeg.probe(noisy))
+    a, crops = decode_for_crops(noisy, [(96, (0.5, 1.0))])
+    assert np.array_equal(a, np.asarray(load_rgb(noisy)))
     half = data[: len(data) // 2]
     info = jpeg.probe(half)  # the header is intact
     assert info is not None
