@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -91,13 +92,23 @@ def open_for_crops(src, specs):
         if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees once upright
             W, H = H, W
         crops = draw_crops(specs, W, H)
-        s = reduction_for(crops)
-        if s > 1 and img.format == "JPEG":
-            img.draft("RGB", (math.ceil(img.size[0] / s), math.ceil(img.size[1] / s)))
-        img.load()  # truncated data raises here
-        rgb = to_rgb(img)
-    sx, sy = W / rgb.width, H / rgb.height
-    return rgb, [((l / sx, t / sy, r / sx, b / sy), size, flip) for (l, t, r, b), size, flip in crops]
+        rgb = _load_reduced(img, reduction_for(crops))
+    return rgb, _scale_boxes(crops, W, H, rgb.width, rgb.height)
+
+
+def _load_reduced(img: Image.Image, reduction: int) -> Image.Image:
+    """An opened image decoded at 1 / ``reduction`` where it is a JPEG (Pillow's ``draft``), as
+    :func:`mae.data.load_rgb` returns it (upright RGB). Truncated data raises here."""
+    if reduction > 1 and img.format == "JPEG":
+        img.draft("RGB", (math.ceil(img.size[0] / reduction), math.ceil(img.size[1] / reduction)))
+    img.load()
+    return to_rgb(img)
+
+
+def _scale_boxes(crops, W: int, H: int, width: int, height: int) -> list:
+    """Crops drawn on a ``W`` x ``H`` image, their boxes scaled to its ``width`` x ``height`` decode."""
+    sx, sy = W / width, H / height
+    return [((l / sx, t / sy, r / sx, b / sy), size, flip) for (l, t, r, b), size, flip in crops]
 
 
 def decode_for_crops(src, specs) -> tuple[np.ndarray, list]:
@@ -105,34 +116,20 @@ def decode_for_crops(src, specs) -> tuple[np.ndarray, list]:
     or files through :mod:`mae.jpeg` (the same pixels, no Pillow image), anything else through
     Pillow. The crops are drawn the same way (one draw per image) on either route."""
     if not isinstance(src, Image.Image):
-        data = bytes(src) if isinstance(src, (bytes, bytearray, memoryview)) else _read(src)
+        data = bytes(src) if isinstance(src, (bytes, bytearray, memoryview)) else Path(src).read_bytes()
         info = jpeg.probe(data)
         if info is not None:
             crops = draw_crops(specs, info.width, info.height)
             s = reduction_for(crops)
             try:
                 a = jpeg.decode(data, info, s)
-            except ValueError:  # libjpeg warned (e.g. extraneous bytes) or failed: Pillow decides, as on
-                a = _pillow_array(data, s)  # the reference path (it decodes the former, raises for the latter)
-            sx, sy = info.width / a.shape[1], info.height / a.shape[0]
-            return a, [((l / sx, t / sy, r / sx, b / sy), size, flip) for (l, t, r, b), size, flip in crops]
+            except ValueError:  # libjpeg warned (e.g. extraneous bytes) or failed: Pillow decides, as on the
+                with Image.open(io.BytesIO(data)) as img:  # reference path (it decodes the former, raises
+                    a = np.asarray(_load_reduced(img, s))  # for the latter)
+            return a, _scale_boxes(crops, info.width, info.height, a.shape[1], a.shape[0])
         src = data
     rgb, crops = open_for_crops(src, specs)
     return np.asarray(rgb), crops
-
-
-def _pillow_array(data: bytes, reduction: int) -> np.ndarray:
-    """Pillow's upright RGB array of an encoded image, DCT-reduced by ``reduction`` where it is a JPEG."""
-    with Image.open(io.BytesIO(data)) as img:
-        if reduction > 1 and img.format == "JPEG":
-            img.draft("RGB", (math.ceil(img.size[0] / reduction), math.ceil(img.size[1] / reduction)))
-        img.load()  # truncated data raises here
-        return np.asarray(to_rgb(img))
-
-
-def _read(path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 # torch's uint8 bicubic antialiased resize, the kernel torchvision's resize calls for uint8 tensors
