@@ -12,9 +12,8 @@ from typing import Any, Literal, Optional, TypeVar, Union
 import yaml
 
 from launch.config import ConfigError, dump_config, load_config
-from launch.dist import Dist, accelerator_type, init_distributed
+from launch.dist import Dist, init_distributed
 from launch.loop import check_run_dir
-from launch.optim import check_machine
 
 T = TypeVar("T")
 
@@ -79,10 +78,9 @@ def parse_run_args(argv: list[str], schema: type[T], description: str, default_c
 
 def start_run(cfg: Any, print_config: bool, resume: bool) -> Optional[Dist]:
     """Once the config is final (every file checked): print it (``--print-config``; returns None),
-    or check the run folder and the machine, then join the process group."""
+    or check the run folder, then join the process group."""
     if print_config:
         print(dump_config(cfg), end="")
         return None
     check_run_dir(cfg.run.out_dir, resume)
-    check_machine(cfg.train, accelerator_type())
     return init_distributed()

@@ -40,13 +40,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerator_type() -> str:
-    """``"cpu"``, ``"cuda"``, ... : the device kind DeepSpeed will use, known before any process work."""
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator().device_name()
-
-
 def init_distributed() -> Dist:
     """Join the process group the launcher set up (or make a one-process group).
 

@@ -1,6 +1,6 @@
 """Optimisation: precision, the DeepSpeed config, AdamW groups, the lr schedule and tower freezing.
 
-Each rule has one owner here: :data:`PRECISIONS` (precision -> weights, autocast, DeepSpeed keys),
+Each rule has one owner here: :data:`PRECISIONS` (precision -> weights, autocast),
 :func:`no_weight_decay` (which parameters are not decayed), :class:`LRSchedule` (peak lr,
 warmup, cosine) and :class:`FreezeSchedule` (which parameters are frozen for how many steps: their
 learning rate is 0 and they get no gradient). :func:`build_engine` puts them together in
@@ -23,9 +23,7 @@ from launch.dist import Dist
 @dataclass(frozen=True)
 class PrecisionSpec:
     weights: torch.dtype  # what the model's parameters are kept in
-    autocast: Optional[torch.dtype]  # the forward runs under torch.autocast to this dtype
-    deepspeed_key: Optional[str]  # the DeepSpeed config section that enables it
-    needs_gpu: bool = False
+    autocast: Optional[torch.dtype]  # the forward runs under torch.autocast to this dtype (DeepSpeed's torch_autocast)
 
 
 # bf16 and fp16 are autocast over fp32 weights (as open_clip's amp_bf16 / amp): every parameter
@@ -37,9 +35,9 @@ class PrecisionSpec:
 # loss with a GradScaler at every ZeRO stage. ``lower_precision_safe_modules: []`` keeps gradient
 # communication in fp32 (DeepSpeed's default would all-reduce Linear/Conv gradients in half precision).
 PRECISIONS: dict[str, PrecisionSpec] = {
-    "fp32": PrecisionSpec(torch.float32, None, None),
-    "bf16": PrecisionSpec(torch.float32, torch.bfloat16, "torch_autocast"),
-    "fp16": PrecisionSpec(torch.float32, torch.float16, "torch_autocast"),
+    "fp32": PrecisionSpec(torch.float32, None),
+    "bf16": PrecisionSpec(torch.float32, torch.bfloat16),
+    "fp16": PrecisionSpec(torch.float32, torch.float16),
 }
 assert set(PRECISIONS) == set(get_args(Precision))
 
@@ -48,12 +46,6 @@ def autocast(train: TrainConfig, device: torch.device):
     """The context the forward runs in: ``torch.autocast`` for bf16 and fp16, nothing for fp32."""
     dtype = PRECISIONS[train.precision].autocast
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def check_machine(train: TrainConfig, device_type: str) -> None:
-    """One clear line for a precision this machine cannot run (checked before any process work)."""
-    if PRECISIONS[train.precision].needs_gpu and device_type == "cpu":
-        raise ConfigError(f"train.precision={train.precision} needs a GPU; use bf16 or fp32")
 
 
 def global_batch(train: TrainConfig, world_size: int) -> int:
@@ -72,7 +64,7 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict:
         "wall_clock_breakdown": False,
     }
     spec = PRECISIONS[train.precision]
-    if spec.deepspeed_key == "torch_autocast":
+    if spec.autocast is not None:
         cfg["torch_autocast"] = {"enabled": True, "dtype": str(spec.autocast), "lower_precision_safe_modules": []}
     return cfg
 
