@@ -6,7 +6,9 @@ the same batch every step. Each variant runs in a fresh subprocess (clean peak-m
 * ``open_clip``: ``open_clip.create_model("ViT-B-32", pretrained=None)`` + ``open_clip.ClipLoss``
   (vocab 49408, text always run over the full 77-token context, pooled at argmax(ids)).
 * ``ours``: ``clip.model.CLIP`` (vocab 98304, so a 2x larger token embedding to update) +
-  ``clip.loss.ClipLoss``; the text tower stops at the batch's last EOT.
+  ``clip.loss.ClipLoss``; the text tower runs on each caption's tokens up to its EOT only
+  (packed, ``clip/text.py``), with the same result as over the padding: with
+  ``--caption-len 76:76`` (no padding anywhere) both towers do the same text work.
 * ``ours_pd0.5``: the same with FLIP patch dropout 0.5 in the image tower.
 * ``ours_ckpt``: ``ours`` with activation checkpointing in both towers.
 * ``ours_compile``: ``ours`` after ``model.compile()`` (inductor); ``ours_pd0.5_compile``: both.

@@ -6,9 +6,15 @@ embeddings, ``depth`` pre-LayerNorm blocks under a causal mask (timm ``Block`` w
 feature of the FIRST ``cfg.eot_id`` token of each row. KELIP's code pools at ``argmax(ids)``,
 which is only right when EOT has the largest id; we look the token up explicitly.
 
-Because attention is causal and we pool at EOT, the tokens after the last EOT of a batch can
-never influence the output: ``forward`` cuts the batch to that length before the blocks (exactly the
-same result, for less work on short captions).
+Because attention is causal and we pool at EOT, a row's tokens after its EOT can never influence
+its output. ``forward`` therefore runs the blocks on the captions packed end to end, without their
+padding (N = sum of the lengths up to each EOT, instead of B x context): every per-token layer
+(LayerNorms, qkv, projection, MLP) runs on the N real tokens, and only the attention itself is laid
+out padded (B, T_max) as the causal SDPA kernel wants it, like FlashAttention's unpadded BERT. The
+last block is needed only at the EOT tokens: its keys and values are computed for every token, its
+queries, projection and MLP for the B EOT tokens only. Exactly the same features as running each
+caption alone (tested), for less work: on captions of 8-40 tokens about 40 % less text-tower
+compute than cutting the batch at its longest caption, which itself beats the full context.
 
 Initialisation is GPT-2's: normal(0, 0.02) for linear and token-embedding weights, normal(0,
 0.01) for the position embedding (as CLIP and GPT-2 do), zero biases, and the residual output
@@ -25,9 +31,11 @@ from functools import partial
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from timm.layers import get_act_layer
 from timm.models.vision_transformer import Block
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mae.vit import run_blocks
 
@@ -66,6 +74,8 @@ class TextTransformer(nn.Module):
         super().__init__()
         if cfg.eot_id == cfg.pad_id:
             raise ValueError(f"TextConfig: eot_id and pad_id must differ (both {cfg.eot_id})")
+        if cfg.depth < 1:
+            raise ValueError(f"TextConfig.depth must be at least 1, got {cfg.depth}")
         self.cfg = cfg
         D = cfg.embed_dim
         self.token_embedding = nn.Embedding(cfg.vocab_size, D)
@@ -100,9 +110,10 @@ class TextTransformer(nn.Module):
             nn.init.normal_(blk.attn.proj.weight, std=residual_std)
             nn.init.normal_(blk.mlp.fc2.weight, std=residual_std)
 
-    def eot_positions(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """``(first_eot (B,), last_needed)``: index of the first ``eot_id`` in each row and the
-        largest of them. ValueError if a row has no EOT. One host sync for both checks."""
+    def eot_positions(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """``(first_eot (B,), last_needed, n_tokens)``: index of the first ``eot_id`` in each row,
+        the largest of them and the number of tokens up to every row's EOT (sum of first_eot + 1).
+        ValueError if a row has no EOT. One host sync for all three."""
         if tokens.ndim != 2:
             raise ValueError(f"text tokens must be (B, T), got shape {tuple(tokens.shape)}")
         if tokens.shape[1] > self.cfg.context_length:
@@ -112,13 +123,13 @@ class TextTransformer(nn.Module):
         is_eot = tokens == self.cfg.eot_id  # (B, T)
         first = is_eot.int().argmax(dim=1)  # argmax returns the first maximum; 0 if no EOT
         first = torch.where(is_eot.any(dim=1), first, -1)  # (B,)
-        lo, hi = torch.stack([first.min(), first.max()]).tolist()
+        lo, hi, total = torch.stack([first.min(), first.max(), first.sum()]).tolist()
         if lo < 0:
             rows = torch.nonzero(first < 0).flatten().tolist()
             raise ValueError(
                 f"text rows {rows[:10]} contain no end-of-text token (eot_id={self.cfg.eot_id}); "
                 "every caption must be [SOT] ... [EOT] [PAD]...")
-        return first, hi
+        return first, hi, total + len(first)
 
     def forward_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Normalised hidden states (B, T, D) of every position (no truncation, no pooling)."""
@@ -134,8 +145,64 @@ class TextTransformer(nn.Module):
         return run_blocks(self.blocks, x, self.grad_checkpointing, is_causal=True)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        eot, last = self.eot_positions(tokens)  # (B,)
-        # Causal attention: positions after the last EOT cannot affect any pooled feature.
-        x = self._blocks(tokens[:, :last + 1])  # (B, T', D)
-        x = x[torch.arange(x.shape[0], device=x.device), eot]  # (B, D)
-        return self.norm(x)  # LayerNorm is per token: normalising after the gather is the same
+        eot, last, n = self.eot_positions(tokens)  # (B,)
+        B, T = tokens.shape[0], last + 1
+        lengths = eot + 1  # (B,) tokens up to and including each row's EOT
+        # The packed layout: row b's tokens 0..eot_b, rows one after another (N,).
+        rows = torch.repeat_interleave(torch.arange(B, device=tokens.device), lengths, output_size=n)
+        starts = torch.cumsum(lengths, 0) - lengths  # (B,) first packed index of each row
+        pos = torch.arange(n, device=tokens.device) - starts[rows]  # (N,) position within the row
+        flat = rows * T + pos  # (N,) index into the padded (B * T) layout
+        x = self.token_embedding(tokens[rows, pos]) + self.pos_embed[0, pos]  # (N, D)
+        *body, head = self.blocks
+        for blk in body:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(packed_block, blk, x, flat, B, T, use_reentrant=False)
+            else:
+                x = packed_block(blk, x, flat, B, T)
+        x = pooled_block(head, x, flat, B, T, starts + eot, lengths)  # (B, D)
+        return self.norm(x)
+
+
+def _padded(x: torch.Tensor, flat: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """Packed rows (N, F) -> (B, T, F), zeros where there is no token."""
+    return x.new_zeros(B * T, x.shape[1]).index_copy(0, flat, x).view(B, T, x.shape[1])
+
+
+def _heads(x: torch.Tensor, attn) -> torch.Tensor:
+    """(B, T, H * hd) -> (B, H, T, hd)."""
+    B, T, _ = x.shape
+    return x.view(B, T, attn.num_heads, attn.head_dim).transpose(1, 2)
+
+
+def packed_block(blk: Block, x: torch.Tensor, flat: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """timm ``Block`` under a causal mask on packed tokens x (N, D) (``flat``: their places in the
+    padded (B, T) layout). Equals ``blk(padded, is_causal=True)`` at the real tokens: a causal
+    query never sees the padding, which sits after its row's tokens."""
+    attn = blk.attn
+    q, k, v = _padded(attn.qkv(blk.norm1(x)), flat, B, T).chunk(3, dim=-1)  # (B, T, D) each
+    q, k = attn.q_norm(_heads(q, attn)), attn.k_norm(_heads(k, attn))
+    o = F.scaled_dot_product_attention(q, k, _heads(v, attn), is_causal=True,
+                                       dropout_p=attn.attn_drop.p if blk.training else 0.0)  # (B, H, T, hd)
+    o = o.transpose(1, 2).reshape(B * T, -1).index_select(0, flat)  # (N, D)
+    x = x + blk.drop_path1(blk.ls1(attn.proj_drop(attn.proj(attn.norm(o)))))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
+def pooled_block(blk: Block, x: torch.Tensor, flat: torch.Tensor, B: int, T: int, at: torch.Tensor,
+                 lengths: torch.Tensor) -> torch.Tensor:
+    """:func:`packed_block`'s output at the packed tokens ``at`` (B,) only (one per row, the row's
+    last token): keys and values from every token, query, projection and MLP at those B tokens."""
+    attn = blk.attn
+    D = attn.num_heads * attn.head_dim
+    h = blk.norm1(x)
+    w, b = attn.qkv.weight, attn.qkv.bias
+    kv = F.linear(h, w[D:], None if b is None else b[D:])  # (N, 2D)
+    k, v = _padded(kv, flat, B, T).chunk(2, dim=-1)  # (B, T, D) each
+    q = F.linear(h[at], w[:D], None if b is None else b[:D])  # (B, D)
+    q, k = attn.q_norm(_heads(q[:, None], attn)), attn.k_norm(_heads(k, attn))  # (B, H, 1, hd), (B, H, T, hd)
+    keys = torch.arange(T, device=x.device) < lengths[:, None]  # (B, T): the row's tokens
+    o = F.scaled_dot_product_attention(q, k, _heads(v, attn), attn_mask=keys[:, None, None],
+                                       dropout_p=attn.attn_drop.p if blk.training else 0.0)  # (B, H, 1, hd)
+    y = x[at] + blk.drop_path1(blk.ls1(attn.proj_drop(attn.proj(attn.norm(o.reshape(B, D))))))
+    return y + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(y))))

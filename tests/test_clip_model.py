@@ -65,6 +65,30 @@ def test_text_pools_first_eot_and_ignores_padding(text_model):
     assert all(tok[i].argmax() != p for i, p in enumerate([3, 7, 11]))
 
 
+def test_packed_text_tower_equals_each_caption_alone():
+    """forward packs the captions without their padding (and runs the last block at EOT only):
+    features AND gradients equal running every caption alone over its own tokens, in float64,
+    with and without activation checkpointing; a bare [EOT] row and junk after EOT included."""
+    torch.manual_seed(0)
+    m = TextTransformer(replace(TEXT, depth=3)).double().train()
+    lengths = [0, 4, 11, 2, 7]  # tokens before EOT; 0 = a bare [EOT] (a masked caption slot)
+    tok = _tokens([max(n, 1) for n in lengths], seed=3)
+    tok[0, 0], tok[0, 1:] = 2, torch.randint(3, 50, (11,))  # EOT first, then junk
+    tok[3, 3:] = 2  # EOT repeated up to the end: the first one counts
+    out = m(tok)
+    alone = torch.stack([m.forward_features(tok[i:i + 1, :n + 1])[0, n] for i, n in enumerate(lengths)])
+    torch.testing.assert_close(out, alone, rtol=0, atol=1e-12)
+    g = torch.randn_like(out)
+    params = list(m.parameters())
+    want = torch.autograd.grad((alone * g).sum(), params)
+    for ckpt in (False, True):
+        m.set_grad_checkpointing(ckpt)
+        got = torch.autograd.grad((m(tok) * g).sum(), params)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert want[0].abs().sum() > 0  # the token embedding is reached
+
+
 def test_text_rejects_rows_without_eot(text_model):
     tok = _tokens([3, 5])
     tok[1, 5] = 9
