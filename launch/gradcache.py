@@ -4,17 +4,19 @@ memory of one micro-batch (GradCache, Gao et al. 2021; open_clip's ``--accum-fre
 With ``train.grad_accum = k``, one optimizer step is:
 
 1. each of the k micro-batches through both towers without a graph, keeping only the features
-   (and the random state each forward started from);
+   (and the random state each forward started from); the last micro-batch is run WITH its graph;
 2. the InfoNCE over all k micro-batches of all ranks (``ClipLoss`` gathers across ranks with
    gradient) and its gradient with respect to those features and the temperature;
-3. each micro-batch through the towers again, with a graph and the same random draws (patch
-   dropout), and ``engine.backward`` of ``<features, cached feature gradient>`` (plus the
-   temperature term once), which puts exactly the full-batch loss's gradient in the parameters.
+3. ``engine.backward`` of ``<features, cached feature gradient>`` (plus the temperature term once)
+   through the last micro-batch's kept graph, then each other micro-batch through the towers again,
+   with a graph and the same random draws (patch dropout), and its own backward. This puts exactly
+   the full-batch loss's gradient in the parameters.
 
 DeepSpeed accumulates the k backwards and steps at the boundary as usual (``scale_wrt_gas=False``:
-the cached gradients are already those of the whole batch's loss). The forward runs twice, so a
-step costs one more forward of each micro-batch than plain accumulation, in exchange for the full
-set of negatives.
+the cached gradients are already those of the whole batch's loss). A step costs k - 1 more
+forwards than plain accumulation, in exchange for the full set of negatives. Keeping the last
+micro-batch's graph saves its second forward at no cost in peak memory: that graph is freed by
+its backward before any other micro-batch builds one.
 
 Legend: V crops, B micro-batch, k micro-batches, C caption slots, E width.
 """
@@ -46,28 +48,38 @@ class CachedContrastiveStep:
         whole batch's loss (detached) and the logit scale."""
         engine = self.engine
         starts, images, texts = [], [], []
-        with torch.no_grad(), self.autocast():
-            for b in batches:
+        with self.autocast():
+            for i, b in enumerate(batches):
                 starts.append(rng_state())
-                img, txt, _ = engine(b["images"], b["tokens"], b["text_mask"])  # (V, B, E), (B, C, E)
-                images.append(img)
-                texts.append(txt)
+                last = i == len(batches) - 1
+                with contextlib.nullcontext() if last else torch.no_grad():
+                    img, txt, scale_k = engine(b["images"], b["tokens"], b["text_mask"])  # (V, B, E), (B, C, E)
+                images.append(img.detach())
+                texts.append(txt.detach())
+        kept = img, txt, scale_k  # the last micro-batch's outputs, with their graph
         after = rng_state()
-        img = torch.cat(images, dim=1).detach().requires_grad_()  # (V, kB, E)
-        txt = torch.cat(texts, dim=0).detach().requires_grad_()  # (kB, C, E)
+        img = torch.cat(images, dim=1).requires_grad_()  # (V, kB, E)
+        txt = torch.cat(texts, dim=0).requires_grad_()  # (kB, C, E)
         mask = torch.cat([b["text_mask"] for b in batches])  # (kB, C)
         scale = engine.module.scale().detach().requires_grad_()
         loss = self.loss_fn(img, txt, mask, scale)
         g_img, g_txt, g_scale = torch.autograd.grad(loss, [img, txt, scale])
         sizes = [t.shape[0] for t in texts]
-        for i, (b, gi, gt) in enumerate(zip(batches, g_img.split(sizes, dim=1), g_txt.split(sizes, dim=0))):
-            set_rng_state(starts[i])  # the same patch-dropout draws as the cached forward
-            with self.autocast():
-                img_i, txt_i, scale_i = engine(b["images"], b["tokens"], b["text_mask"])
-            surrogate = (img_i.float() * gi).sum() + (txt_i.float() * gt).sum()
-            if i == 0:
+        g_imgs, g_txts = g_img.split(sizes, dim=1), g_txt.split(sizes, dim=0)
+        # the kept graph first (it is freed by its backward), then every other micro-batch again
+        for i in [len(batches) - 1, *range(len(batches) - 1)]:
+            if i == len(batches) - 1:
+                img_i, txt_i, scale_i = kept
+            else:
+                b = batches[i]
+                set_rng_state(starts[i])  # the same patch-dropout draws as the cached forward
+                with self.autocast():
+                    img_i, txt_i, scale_i = engine(b["images"], b["tokens"], b["text_mask"])
+            surrogate = (img_i.float() * g_imgs[i]).sum() + (txt_i.float() * g_txts[i]).sum()
+            if i == len(batches) - 1:
                 surrogate = surrogate + (scale_i.float() * g_scale).sum()
             engine.backward(surrogate, scale_wrt_gas=False)
             engine.step()
+        del kept, img_i, txt_i, scale_i
         set_rng_state(after)
         return loss.detach(), scale.detach()

@@ -29,9 +29,10 @@ class Eager:
     """The engine's interface on a plain module: backward is autograd's, step does nothing."""
 
     def __init__(self, model):
-        self.module = model
+        self.module, self.forwards = model, 0
 
     def __call__(self, *args):
+        self.forwards += 1
         return self.module(*args)
 
     def backward(self, loss, scale_wrt_gas=True):
@@ -88,7 +89,9 @@ def test_cached_step_equals_one_step_over_the_whole_batch():
     want_loss, want = reference(model, micro, ClipLoss())
     model.zero_grad()
     torch.manual_seed(7)
-    loss, scale = CachedContrastiveStep(Eager(model), ClipLoss())(micro)
+    engine = Eager(model)
+    loss, scale = CachedContrastiveStep(engine, ClipLoss())(micro)
+    assert engine.forwards == 2 * K - 1  # the last micro-batch's graph is kept, not recomputed
     torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0)
     assert_close(grads(model), want)
     assert model.logit_scale.grad.abs() > 0  # the temperature got its gradient too
