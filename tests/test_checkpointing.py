@@ -1,8 +1,11 @@
 """Activation checkpointing (``train.grad_checkpointing``) changes memory, not results: the same
-loss and gradients for both CLIP towers and the MAE encoder and decoder."""
+loss and gradients for both CLIP towers and the MAE encoder and decoder, in one process and on 2
+ranks (CLIP on 2 ranks: ``tests/test_gradcache.py``)."""
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from clip.loss import ClipLoss
 from clip.model import CLIP, CLIPConfig
@@ -68,3 +71,45 @@ def test_mae_checkpointing_same_gradients():
                                         decoder_num_heads=2)).train()
     imgs = torch.randn(4, 3, 32, 32)
     assert_same(model, lambda m: m(imgs)[0])
+
+
+MAE_TINY = MAEConfig(encoder=VISION, decoder_embed_dim=16, decoder_depth=2, decoder_num_heads=2)
+
+
+def _mae_half_loss(model, imgs, rank):
+    torch.manual_seed(100 + rank)  # each rank's own masking draws
+    return model(imgs.chunk(2)[rank])[0]
+
+
+def _mae_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = MaskedAutoencoder(MAE_TINY).train()
+        model.set_grad_checkpointing(True)
+        _mae_half_loss(model, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), rank).backward()
+        g = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        for t in g.values():  # the ranks' gradients averaged, as DeepSpeed / DDP do
+            dist.all_reduce(t)
+            t /= world
+        torch.save(g, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mae_checkpointing_on_two_ranks_equals_one_process(tmp_path):
+    """2 ranks with checkpointing, each on its half of the batch with its own masks, average to the
+    gradient of one process without checkpointing over both halves (the MAE loss is a mean over
+    equally many masked patches per sample, so the halves weigh equally)."""
+    mp.spawn(_mae_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(MAE_TINY).train()
+    imgs = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    (sum(_mae_half_loss(model, imgs, r) for r in range(2)) / 2).backward()
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert len(want) > 20
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7, msg=k)

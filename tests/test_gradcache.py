@@ -111,21 +111,25 @@ def test_cached_step_equals_one_step_over_the_whole_batch():
 def _worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        model = CLIP(CFG).train()
-        full = batch(N, 3)
-        mine = split(full, world)[rank]  # this rank's contiguous half, as K / world micro-batches
-        CachedContrastiveStep(Eager(model), ClipLoss(rank, world))(split(mine, K // world))
-        g = grads(model)
-        for t in g.values():  # what DeepSpeed / DDP do with the ranks' gradients
-            dist.all_reduce(t)
-            t /= world
-        torch.save(g, f"{out_dir}/rank{rank}.pt")
+        for ckpt in (False, True):  # activation checkpointing must not change the gradients either
+            torch.manual_seed(0)
+            model = CLIP(CFG).train()
+            model.set_grad_checkpointing(ckpt)
+            full = batch(N, 3)
+            mine = split(full, world)[rank]  # this rank's contiguous half, as K / world micro-batches
+            CachedContrastiveStep(Eager(model), ClipLoss(rank, world))(split(mine, K // world))
+            g = grads(model)
+            for t in g.values():  # what DeepSpeed / DDP do with the ranks' gradients
+                dist.all_reduce(t)
+                t /= world
+            torch.save(g, f"{out_dir}/rank{rank}_ckpt{int(ckpt)}.pt")
     finally:
         dist.destroy_process_group()
 
 
 def test_cached_step_on_two_ranks_equals_one_process(tmp_path):
+    """2 ranks x 2 cached micro-batches, with and without activation checkpointing, give the
+    gradients of one plain step over the whole batch in one process."""
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     torch.manual_seed(0)
     model = CLIP(CFG).train()
@@ -134,7 +138,8 @@ def test_cached_step_on_two_ranks_equals_one_process(tmp_path):
     ClipLoss()(o[0], o[1], full["text_mask"], o[2]).backward()
     want = grads(model)
     for rank in range(2):
-        assert_close(torch.load(tmp_path / f"rank{rank}.pt", weights_only=True), want)
+        for ckpt in (0, 1):
+            assert_close(torch.load(tmp_path / f"rank{rank}_ckpt{ckpt}.pt", weights_only=True), want)
 
 
 @pytest.mark.slow
