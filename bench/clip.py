@@ -13,7 +13,8 @@ the same batch every step. Each variant runs in a fresh subprocess (clean peak-m
 * ``ours_ckpt``: ``ours`` with activation checkpointing in both towers.
 * ``ours_compile``: ``ours`` after ``model.compile()`` (inductor); ``ours_pd0.5_compile``: both.
 * ``ours_cached``: ``ours`` as ``--accum`` micro-batches of batch / accum with feature-cached
-  accumulation (``launch.gradcache``): the same contrastive batch at a micro-batch's memory.
+  accumulation (``launch.gradcache``): the same contrastive batch at a micro-batch's memory;
+  ``ours_cached_compile``: the same after ``model.compile()`` (``train.compile`` allows both).
 
 ``--precision bf16`` runs every variant under ``torch.autocast`` (fp32 weights). Each row gives
 MFU (``launch/perf.py``: FLOPs of the step counted on the eager model / time / peak).
@@ -43,7 +44,8 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))  # the project root, for launch.perf
 from launch.perf import peak_tflops, step_flops  # noqa: E402
 
-VARIANTS = ("open_clip", "ours", "ours_pd0.5", "ours_pd0.5_compile", "ours_ckpt", "ours_compile", "ours_cached")
+VARIANTS = ("open_clip", "ours", "ours_pd0.5", "ours_pd0.5_compile", "ours_ckpt", "ours_compile", "ours_cached",
+            "ours_cached_compile")
 
 
 def make_inputs(batch_size: int, caption_len: tuple[int, int], seed: int = 0):
@@ -111,12 +113,13 @@ def run_variant(name: str, args) -> dict:
     # Model FLOPs (MFU's numerator): one plain forward + backward of the whole batch, without the
     # recomputation that checkpointing or cached accumulation add; for ours_cached counted on one
     # micro-batch (times accum), so that the count does not hold a whole batch's activations.
-    k = args.accum if name == "ours_cached" else 1
+    cached = name.startswith("ours_cached")
+    k = args.accum if cached else 1
     flops = k * step_flops(lambda: plain_fwd_bwd(images[: len(images) // k], tokens[: len(tokens) // k]))
     opt.zero_grad(set_to_none=True)
     if name == "ours_ckpt":
         model.set_grad_checkpointing(True)
-    if name == "ours_cached":
+    if cached:
         from launch.gradcache import CachedContrastiveStep
 
         class Eager:  # the engine's interface on the plain model
@@ -125,13 +128,13 @@ def run_variant(name: str, args) -> dict:
             backward = staticmethod(lambda loss, scale_wrt_gas=True: loss.backward())
             step = staticmethod(lambda: None)
 
-        cached = CachedContrastiveStep(Eager(), loss_fn, cast)
+        cached_step = CachedContrastiveStep(Eager(), loss_fn, cast)
         micro = [{"images": [x], "tokens": tk[:, None], "text_mask": torch.ones(len(tk), 1, dtype=torch.bool,
                                                                                 device=device)}
                  for x, tk in zip(images.chunk(k), tokens.chunk(k))]
 
         def fwd_bwd():
-            return cached(micro)[0]
+            return cached_step(micro)[0]
     else:
         def fwd_bwd():
             return plain_fwd_bwd(images, tokens)
@@ -228,10 +231,10 @@ def main(argv=None) -> int:
           f"MFU against {peak:.3g} TFLOP/s ({source})")
     print("vocab: open_clip 49408, ours 98304 (ours updates a 2x larger token embedding)")
     mem = "cuda_peak_MiB" if gpu else "max_rss_MiB"
-    print(f"{'variant':<13} {'params(M)':>9} {'GFLOP':>8} {'step(ms)':>9} {'samples/s':>10} {'MFU':>7} {mem:>14}  all runs")
+    print(f"{'variant':<19} {'params(M)':>9} {'GFLOP':>8} {'step(ms)':>9} {'samples/s':>10} {'MFU':>7} {mem:>14}  all runs")
     for v, r in results.items():
         every = " ".join(f"{x['samples_per_s']:.1f}" for x in runs[v])
-        print(f"{v:<13} {r['params_M']:>9.1f} {r['step_gflop']:>8.0f} {r['step_ms']:>9.1f} {r['samples_per_s']:>10.1f} "
+        print(f"{v:<19} {r['params_M']:>9.1f} {r['step_gflop']:>8.0f} {r['step_ms']:>9.1f} {r['samples_per_s']:>10.1f} "
               f"{100 * r['mfu']:>6.1f}% {r[mem]:>14.0f}  [{every}]")
     if "open_clip" in results:
         base = results["open_clip"]
@@ -239,6 +242,10 @@ def main(argv=None) -> int:
             if v != "open_clip":
                 print(f"ratio {v}/open_clip = {results[v]['samples_per_s'] / base['samples_per_s']:.2f}x samples/s, "
                       f"{results[v][mem] / base[mem]:.2f}x memory (medians)")
+    if "ours" in results:  # accumulation against the one big step of the same contrastive batch
+        for v in (v for v in results if v.startswith("ours_cached")):
+            print(f"ratio {v}/ours = {results[v]['samples_per_s'] / results['ours']['samples_per_s']:.2f}x samples/s, "
+                  f"{results[v][mem] / results['ours'][mem]:.2f}x memory (medians)")
     return 0
 
 
