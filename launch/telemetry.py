@@ -5,6 +5,8 @@ spent waiting for data, step time, samples/s, MFU, peak memory, gradient norm an
 (nothing here is checkpointed: timings restart with the process). Work it adds to a step is kept
 off the hot path: FLOPs are counted once per process on the first micro-batch, the nominal epoch
 size is read once, and without ZeRO the gradient norm is taken only on steps that are logged.
+The text tower's work follows its captions' lengths (it runs on the real tokens only), so MFU is
+an estimate at the first micro-batch's caption lengths.
 """
 from __future__ import annotations
 
