@@ -90,6 +90,10 @@ class CLIPRunConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)
     val_every: int = 50  # validation loss + R@k per language every N steps (and at the end); 0 = off
     gather_with_grad: bool = True
+    # The contrastive loss takes this rank's rows in chunks of at most this many MiB of fp32 logits
+    # (each recomputed in backward; clip/loss.py), so that its memory does not grow with
+    # local batch x global batch; 0 = all rows at once.
+    loss_chunk_mib: int = 64
     # With train.grad_accum > 1: "cached" contrasts all micro-batches of a step (launch.gradcache),
     # "per_micro_batch" each micro-batch on its own (fewer negatives, one forward per micro-batch).
     accumulation: Literal["cached", "per_micro_batch"] = "cached"
@@ -208,6 +212,8 @@ def main(argv: list[str]) -> Path:
         raise ConfigError("train.compile with model.patch_dropout and cached accumulation: the second forward must "
                           "replay the first one's random draws, which a compiled graph does not promise; "
                           "set one of them off")
+    if cfg.loss_chunk_mib < 0:
+        raise ConfigError(f"loss_chunk_mib must be >= 0 (0 = the loss in one block), got {cfg.loss_chunk_mib}")
     train_src, val_rows = split_sources(cfg.data)
     dist = start_run(cfg, args.print_config, args.resume)
     if dist is None:
@@ -252,7 +258,8 @@ def main(argv: list[str]) -> Path:
                                            num_workers=cfg.train.num_workers, generator=torch.Generator())
 
     stream = BatchStream(dataset, loader, cfg.train.micro_batch_size, cfg.train.num_workers)
-    loss_fn = ClipLoss(dist.rank, dist.world_size, gather_with_grad=cfg.gather_with_grad)
+    loss_fn = ClipLoss(dist.rank, dist.world_size, gather_with_grad=cfg.gather_with_grad,
+                       max_block=cfg.loss_chunk_mib * 2 ** 20 // 4)
     net: CLIP = engine.module
 
     def metrics(scale: torch.Tensor, batches: list[dict]) -> dict:

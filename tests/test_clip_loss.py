@@ -1,4 +1,5 @@
-"""ClipLoss against an explicit-loop reference, and 1 x B == 2 x B/2 with real gloo processes."""
+"""ClipLoss against an explicit-loop reference, row chunks against one block, and 1 x B == 2 x B/2
+(whole and chunked) with real gloo processes."""
 from __future__ import annotations
 
 import math
@@ -82,6 +83,32 @@ def test_crops_average_and_shape_errors():
         ClipLoss()(img, txt[:3], mask[:3], s)
 
 
+def test_row_chunks_equal_one_block():
+    """max_block chunks this rank's rows (recomputed in backward): the same loss and gradients."""
+    img, txt = _features(3, 7, 2, seed=4)
+    mask = torch.tensor([[1, 1], [1, 0], [0, 1], [0, 0], [1, 1], [0, 1], [1, 1]], dtype=torch.bool)
+
+    def run(loss_fn):
+        leaves = (img.clone().requires_grad_(), txt.clone().requires_grad_(),
+                  torch.tensor(6.0, dtype=torch.float64, requires_grad=True))
+        loss = loss_fn(*leaves[:2], mask, leaves[2])
+        return loss, torch.autograd.grad(loss, leaves)
+
+    assert ClipLoss(max_block=3 * 7 * 2 * 2).rows_per_chunk(3, 7, 7, 2) == 2  # 2 + 2 + 2 + 1 rows
+    assert ClipLoss().rows_per_chunk(3, 7, 7, 2) == ClipLoss(max_block=10 ** 9).rows_per_chunk(3, 7, 7, 2) == 7
+    want_loss, want = run(ClipLoss())
+    for max_block in (3 * 7 * 2 * 2, 1):  # 2 rows per chunk; 1 row per chunk
+        loss, got = run(ClipLoss(max_block=max_block))
+        torch.testing.assert_close(loss, want_loss, rtol=0, atol=1e-12)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    with torch.no_grad():  # evaluation: chunks without checkpointing
+        torch.testing.assert_close(ClipLoss(max_block=1)(img, txt, mask, torch.tensor(6.0, dtype=torch.float64)),
+                                   want_loss.detach(), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="max_block"):
+        ClipLoss(max_block=-1)
+
+
 # ---- world-size invariance with two real processes -------------------------------------------
 
 WORLD, B, FIN, E = 2, 3, 6, 5
@@ -105,13 +132,13 @@ def _case(name):
     return towers, logit_scale, x_img, x_txt, torch.tensor(mask, dtype=torch.bool)
 
 
-def _step(name, rank, world_size):
+def _step(name, rank, world_size, max_block=0):
     """Loss and leaf-parameter gradients on this rank's slice of the global batch."""
     (img_tower, txt_tower), logit_scale, x_img, x_txt, mask = _case(name)
     lo, hi = rank * (WORLD * B // world_size), (rank + 1) * (WORLD * B // world_size)
     img = F.normalize(img_tower(x_img[:, lo:hi]), dim=-1)
     txt = F.normalize(txt_tower(x_txt[lo:hi]), dim=-1)
-    loss_fn = ClipLoss(rank, world_size)
+    loss_fn = ClipLoss(rank, world_size, max_block=max_block)
     loss = loss_fn(img, txt, mask[lo:hi], logit_scale.exp())
     loss.backward()
     params = [*img_tower.parameters(), *txt_tower.parameters(), logit_scale]
@@ -129,6 +156,9 @@ def _worker(rank, init_file, out_dir):
                             world_size=WORLD)
     try:
         results = {name: _step(name, rank, WORLD) for name in CASES}
+        # this rank's 3 rows in chunks of 2 + 1 (the columns gathered once, outside the chunks)
+        results.update({f"{name}_chunked": _step(name, rank, WORLD, max_block=2 * CASES[name][0] * WORLD * B
+                                                 * CASES[name][1]) for name in CASES})
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -138,8 +168,8 @@ def test_world_size_invariance_two_processes(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        for name in CASES:
-            loss_1, grads_1 = _step(name, 0, 1)
+        for name in [*CASES, *(f"{n}_chunked" for n in CASES)]:
+            loss_1, grads_1 = _step(name.removesuffix("_chunked"), 0, 1)
             loss_2, grads_2 = results[name]
             assert torch.allclose(loss_2, loss_1, atol=1e-12), name
             assert len(grads_2) == len(grads_1) == 5

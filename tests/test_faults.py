@@ -293,6 +293,7 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, capsys, tiny_tokenizer_dir
         (clip_main, clip + ["--init", str(tmp_path / "mismatched.pt")], "missing key cls_token"),
         (clip_main, clip + ["data.tokenizer=/nowhere"], "data.tokenizer=/nowhere"),
         (clip_main, clip + ["data.caption_mode=every"], "'data.caption_mode' must be one of all, sample"),
+        (clip_main, clip + ["loss_chunk_mib=-1"], "loss_chunk_mib must be >= 0"),
         (clip_main, clip + ["data.resampled=true"], "data.resampled=true draws shards with replacement"),
         (mae_main, mae + ["data.source_weights=[1,2]"], "data.source_weights weigh shard draws"),
     ]
