@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 import signal
 import subprocess
 import sys
@@ -306,7 +307,9 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, capsys, tiny_tokenizer_dir
     from tokenizer.train import main as tok_main
 
     noise = tmp_path / "noise.txt"
-    noise.write_bytes(os.urandom(200_000))
+    # seeded noise plus two text lines, so the file has usable lines and the message is always the
+    # "mostly not UTF-8" one (pure urandom sometimes had no decodable line at all)
+    noise.write_bytes(random.Random(0).randbytes(200_000) + b"\nsome text\nmore text\n")
     assert tok_main(["--corpus", str(ROOT / "data" / "corpus" / "en.txt"), str(noise), "--out", str(tmp_path / "t")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "mostly not UTF-8 text" in err[0] and "noise.txt" in err[0]
