@@ -12,6 +12,7 @@ from clip.model import CLIP, CLIPConfig
 from clip.text import TextConfig
 from mae.model import MAEConfig, MaskedAutoencoder
 from mae.vit import ViTConfig
+from ranks import average_over_ranks
 
 VISION = ViTConfig(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2)
 
@@ -89,9 +90,7 @@ def _mae_worker(rank, world, init_file, out_dir):
         model.set_grad_checkpointing(True)
         _mae_half_loss(model, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), rank).backward()
         g = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        for t in g.values():  # the ranks' gradients averaged, as DeepSpeed / DDP do
-            dist.all_reduce(t)
-            t /= world
+        average_over_ranks(g.values())
         torch.save(g, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

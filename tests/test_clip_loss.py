@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from clip.loss import ClipLoss
+from ranks import average_over_ranks
 
 
 def reference_loss(img, txt, mask, scale):
@@ -144,10 +145,8 @@ def _step(name, rank, world_size, max_block=0):
     params = [*img_tower.parameters(), *txt_tower.parameters(), logit_scale]
     grads = [p.grad.clone() for p in params]
     loss = loss.detach().clone()
-    if world_size > 1:  # what DeepSpeed / DDP do: average the gradients (and the trainer the loss) over ranks
-        for t in (*grads, loss):
-            dist.all_reduce(t)
-            t /= world_size
+    if world_size > 1:
+        average_over_ranks((*grads, loss))
     return loss, grads
 
 

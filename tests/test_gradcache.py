@@ -18,6 +18,7 @@ from clip.model import CLIP, CLIPConfig
 from clip.text import TextConfig
 from launch.gradcache import CachedContrastiveStep
 from mae.vit import ViTConfig
+from ranks import average_over_ranks
 
 CFG = CLIPConfig(vision=ViTConfig(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2),
                  text=TextConfig(vocab_size=40, context_length=8, embed_dim=16, depth=2, num_heads=2),
@@ -119,9 +120,7 @@ def _worker(rank, world, init_file, out_dir):
             mine = split(full, world)[rank]  # this rank's contiguous half, as K / world micro-batches
             CachedContrastiveStep(Eager(model), ClipLoss(rank, world))(split(mine, K // world))
             g = grads(model)
-            for t in g.values():  # what DeepSpeed / DDP do with the ranks' gradients
-                dist.all_reduce(t)
-                t /= world
+            average_over_ranks(g.values())
             torch.save(g, f"{out_dir}/rank{rank}_ckpt{int(ckpt)}.pt")
     finally:
         dist.destroy_process_group()
