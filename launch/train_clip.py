@@ -98,6 +98,10 @@ class CLIPRunConfig:
     # "per_micro_batch" each micro-batch on its own (fewer negatives, one forward per micro-batch).
     accumulation: Literal["cached", "per_micro_batch"] = "cached"
 
+    def __post_init__(self):
+        if self.loss_chunk_mib < 0:
+            raise ValueError(f"loss_chunk_mib must be >= 0 (0 = the loss in one block), got {self.loss_chunk_mib}")
+
 
 def load_tokenizer(folder: Path, key: str = "data.tokenizer") -> BilingualTokenizer:
     try:
@@ -212,8 +216,6 @@ def main(argv: list[str]) -> Path:
         raise ConfigError("train.compile with model.patch_dropout and cached accumulation: the second forward must "
                           "replay the first one's random draws, which a compiled graph does not promise; "
                           "set one of them off")
-    if cfg.loss_chunk_mib < 0:
-        raise ConfigError(f"loss_chunk_mib must be >= 0 (0 = the loss in one block), got {cfg.loss_chunk_mib}")
     train_src, val_rows = split_sources(cfg.data)
     dist = start_run(cfg, args.print_config, args.resume)
     if dist is None:
