@@ -4,7 +4,7 @@
 # ${STEPS:-60} steps at micro-batch ${MICRO:-256} in ${PRECISION:-bf16}, eager then train.compile=true,
 # then micro-batch MICRO/4 x 4 with cached accumulation. Each run's log lines (samples/s, MFU,
 # data wait, peak memory) go to ${OUT:-bench_out}/runtime_*.jsonl; the runs themselves to a
-# temporary folder. About 5 minutes on one H100/H200 (plus compiling); on a CPU, for a smoke test:
+# temporary folder; EXTRA adds key=value overrides to every run. About 5 minutes on one H100/H200 (plus compiling); on a CPU, for a smoke test:
 #   CONFIG=configs/clip_tiny.yaml STEPS=3 MICRO=8 PRECISION=fp32 WORKERS=1 bash bench/gpu_runtime.sh
 set -uo pipefail
 out=${OUT:-bench_out}; mkdir -p "$out"
@@ -17,7 +17,7 @@ status=0
 run() {  # NAME OVERRIDES...
   local name=$1; shift
   local log_every=$(( steps < 10 ? 1 : 10 ))
-  deepspeed --num_gpus 1 --master_port $((29500 + RANDOM % 1000)) launch/clip.py --config "${CONFIG:-configs/clip.yaml}" \
+  deepspeed --num_gpus 1 --master_port "$(python3 -c "from launch.dist import free_port; print(free_port())")" launch/clip.py --config "${CONFIG:-configs/clip.yaml}" \
       "data.tokenizer=$tmp/tok" "run.out_dir=$tmp/$name" "train.steps=$steps" "train.precision=$precision" \
       "train.num_workers=$workers" "run.log_every=$log_every" freeze.image_epochs=0 val_every=0 \
       augment.impl=device ${EXTRA:-} "$@" > "$tmp/$name.log" 2>&1
