@@ -4,7 +4,8 @@
 # ${STEPS:-60} steps at micro-batch ${MICRO:-256} in ${PRECISION:-bf16}, eager then train.compile=true,
 # then micro-batch MICRO/4 x 4 with cached accumulation. Each run's log lines (samples/s, MFU,
 # data wait, peak memory) go to ${OUT:-bench_out}/runtime_*.jsonl; the runs themselves to a
-# temporary folder; EXTRA adds key=value overrides to every run. About 5 minutes on one H100/H200 (plus compiling); on a CPU, for a smoke test:
+# temporary folder; EXTRA adds key=value overrides to every run. About 5 minutes on one H100/H200
+# (plus compiling); on a CPU, for a smoke test:
 #   CONFIG=configs/clip_tiny.yaml STEPS=3 MICRO=8 PRECISION=fp32 WORKERS=1 bash bench/gpu_runtime.sh
 set -uo pipefail
 out=${OUT:-bench_out}; mkdir -p "$out"
