@@ -11,26 +11,20 @@ is evaluated all the same) and ``eval_manifest`` (evaluated whole instead of the
 manifest's held-out split). The MAE stage is trained once (or ``--mae-ckpt`` reuses one)
 and shared by every ``init: mae`` run; each run is ``deepspeed --num_gpus N launch/clip.py``.
 A run folder that already holds ``clip_ckpt.pt`` is reused (delete it to retrain). Every run is
-then evaluated with :func:`clip.evaluate.evaluate_retrieval` on the held-out split (``split_rows``,
+then evaluated with :func:`clip.eval.tasks.evaluate_retrieval` on the held-out split (``split_rows``,
 the same rows as training's validation) in English and Korean, whatever languages it trained on.
 Writes ``<out>/results.json``, ``<out>/results.md`` (side-by-side table) and ``<out>/results.png``
 (bars per language and metric).
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as a script, bench/ is first on sys.path and bench/clip.py would shadow the `clip` package.
-_here = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-sys.path.insert(0, str(_here.parent))
-
 import argparse
 import json
 import os
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import yaml
 
@@ -47,7 +41,7 @@ def _flat(overrides: dict) -> list[str]:
 
 def _launch(script: str, args: list[str], gpus: int, log: Path) -> float:
     """One ``deepspeed`` run; returns its wall time. Exits 2 with the log's tail on failure."""
-    from launch.dist import free_port
+    from launch.runtime.dist import free_port
 
     port = free_port()
     exe = Path(sys.executable).parent / "deepspeed"
@@ -66,15 +60,15 @@ def _launch(script: str, args: list[str], gpus: int, log: Path) -> float:
 def evaluate(run_dir: Path, manifest: str, val_fraction: float, split_key: str, split_seed: int,
              whole: bool = False) -> dict:
     """Held-out retrieval per language of one run folder (clip_ckpt.pt + tokenizer/)."""
-    from clip.data import split_rows
-    from clip.eval_inputs import load_model_and_tokenizer
-    from clip.evaluate import evaluate_retrieval
-    from mae.data import eval_transform, iter_manifest
+    from clip.data.pairs import split_rows
+    from clip.eval.tasks import evaluate_retrieval
+    from clip.model.checkpoint import load_clip_and_tokenizer
+    from mae.images.sources import iter_manifest
 
     rows = list(iter_manifest(manifest))
     val = rows if whole else split_rows(rows, val_fraction, split_key, split_seed)[1]
-    model, tok = load_model_and_tokenizer(str(run_dir), None, "cpu")
-    res = evaluate_retrieval(model, tok, val, LANGS, "cpu", transform=eval_transform(model.cfg.vision.img_size))
+    model, tok = load_clip_and_tokenizer(run_dir)
+    res = evaluate_retrieval(model, tok, val, LANGS, "cpu")
     out = {"n_images": res["n_images"], "chance@1": 1.0 / res["n_images"], "chance@5": 5.0 / res["n_images"]}
     for lang in LANGS:
         sec = res["languages"][lang]

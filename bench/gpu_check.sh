@@ -9,9 +9,9 @@ out=${OUT:-bench_out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, timm, open_clip; print('torch', torch.__version__, 'timm', timm.__version__, 'open_clip', open_clip.__version__)" | tee -a "$out/gpu.txt"
-python3 bench/clip.py --device cuda --batch-size 256 --steps 15 --warmup 3 --precision bf16 \
+python3 bench/clip_speed.py --device cuda --batch-size 256 --steps 15 --warmup 3 --precision bf16 \
     --variants open_clip ours ours_compile ours_ckpt 2>&1 | tee "$out/clip_b256_bf16.txt"
-python3 bench/clip.py --device cuda --batch-size 512 --steps 10 --warmup 3 --precision bf16 \
+python3 bench/clip_speed.py --device cuda --batch-size 512 --steps 10 --warmup 3 --precision bf16 \
     --variants ours ours_cached ours_cached_compile --accum 4 2>&1 | tee "$out/clip_b512_accum.txt"
-python3 bench/mae.py --device cuda --batch-size 256 --steps 15 --warmup 3 --rounds 1 --precision bf16 2>&1 \
+python3 bench/mae_speed.py --device cuda --batch-size 256 --steps 15 --warmup 3 --rounds 1 --precision bf16 2>&1 \
     | tee "$out/mae_b256_bf16.txt"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The training runtime itself under DeepSpeed (what bench/clip.py does not cover: the engine, its
+# The training runtime itself under DeepSpeed (what bench/clip_speed.py does not cover: the engine, its
 # torch_autocast bf16, the data path, telemetry): the CLIP stage on the bundled emoji for
 # ${STEPS:-60} steps at micro-batch ${MICRO:-256} in ${PRECISION:-bf16}, eager then train.compile=true,
 # then micro-batch MICRO/4 x 4 with cached accumulation. Each run's log lines (samples/s, MFU,
@@ -18,7 +18,7 @@ status=0
 run() {  # NAME OVERRIDES...
   local name=$1; shift
   local log_every=$(( steps < 10 ? 1 : 10 ))
-  deepspeed --num_gpus 1 --master_port "$(python3 -c "from launch.dist import free_port; print(free_port())")" launch/clip.py --config "${CONFIG:-configs/clip.yaml}" \
+  deepspeed --num_gpus 1 --master_port "$(python3 -c "from launch.runtime.dist import free_port; print(free_port())")" launch/clip.py --config "${CONFIG:-configs/clip.yaml}" \
       "data.tokenizer=$tmp/tok" "run.out_dir=$tmp/$name" "train.steps=$steps" "train.precision=$precision" \
       "train.num_workers=$workers" "run.log_every=$log_every" freeze.image_epochs=0 val_every=0 \
       augment.impl=device ${EXTRA:-} "$@" > "$tmp/$name.log" 2>&1

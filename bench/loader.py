@@ -3,7 +3,7 @@
 The photos in ``--photos`` (e.g. ``../shared/data/photos``) are re-encoded as JPEG (quality 90)
 at shorter side ``--size``, repeated to ``--samples`` samples and written as WebDataset shards
 (img2dataset layout, captions in English and Korean in ``{key}.json``) in a temporary folder.
-Then, for each augmentation implementation (``clip.augment``: ``torchvision`` = the reference
+Then, for each augmentation implementation (``clip.data.multicrop``: ``torchvision`` = the reference
 path, ``fast``, ``device``), the training stream of ``configs/clip.yaml`` (its multi-crop, caption
 languages and mode, context length and tokenizer) is read for ``--seconds``, in ``--rounds``
 interleaved rounds (the median is reported, so a slow spell of a shared machine touches every
@@ -14,7 +14,7 @@ implementation alike):
   and per worker.
 
 ``fast`` leaves the flips and the normalisation to the accelerator and ``device`` all but the
-decode and the box draws: that part (``clip.augment.finish_images``) is timed separately
+decode and the box draws: that part (``views.finish``) is timed separately
 (``finish``: ms per batch on ``--device``) and not counted in the CPU images/s. The last line
 printed is the images/s per core of the default training path (``augment.impl`` of ``configs/clip.yaml``).
 
@@ -29,7 +29,7 @@ path's worker half, kornia's batched RandomResizedCrop + flip as the accelerator
 ``--train-steps N`` instead trains the ``configs/clip.yaml`` model (ViT-B/32 + 12 x 512 text
 tower, its multi-crop and captions; AdamW, ``--precision``) for N steps on the photo shards read
 endlessly (``data.resampled``) by ``--workers`` DataLoader workers, per implementation, and reports
-the share of step time spent waiting for data, the step time and MFU (``launch.perf``). It is the
+the share of step time spent waiting for data, the step time and MFU (``launch.runtime.perf``). It is the
 training step without DeepSpeed (one device), so it runs where DeepSpeed is not installed.
 
 Without the photo folder it exits 0 with a message (nothing to measure).
@@ -39,15 +39,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-ROOT = os.path.dirname(_HERE)
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 IMPLS = ("torchvision", "fast", "device")
 OPTIONAL = ("dali", "kornia")  # measured when asked for (--impls ... dali kornia) and installed
@@ -56,7 +52,7 @@ OPTIONAL = ("dali", "kornia")  # measured when asked for (--impls ... dali korni
 def write_shards(photos: Path, size: int, samples: int, out: Path, shard_size: int = 128) -> int:
     from PIL import Image
 
-    from mae.shards import write_shard_folder
+    from mae.images.shards import write_shard_folder
 
     files = sorted(p for p in photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not files:
@@ -103,12 +99,13 @@ def tokenizer_for(cfg, scratch: Path):
 def measure(cfg, impl: str, shards: str, tokenizer, batch: int, workers: int, seconds: float, device: str) -> dict:
     import torch
 
-    from clip.augment import build_multicrop, finish_images
-    from clip.data import CaptionCollate, build_pair_dataset
+    from clip.data.multicrop import build_multicrop
+    from clip.data.pairs import CaptionCollate, PairDataset
 
     aug = type(cfg.augment)(**{**cfg.augment.__dict__, "impl": "device" if impl == "kornia" else impl})
-    ds = build_pair_dataset(shards, build_multicrop(aug), languages=cfg.data.languages)
-    collate = CaptionCollate(tokenizer, cfg.data.languages, mode=cfg.data.caption_mode,
+    views = build_multicrop(aug)
+    ds = PairDataset(shards, views, languages=cfg.data.languages)
+    collate = CaptionCollate(tokenizer, views, cfg.data.languages, mode=cfg.data.caption_mode,
                              context_length=cfg.model.text.context_length)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, collate_fn=collate, num_workers=workers,
                                          persistent_workers=workers > 0)
@@ -126,11 +123,11 @@ def measure(cfg, impl: str, shards: str, tokenizer, batch: int, workers: int, se
     finish_ms = None
     if impl != "torchvision" or device != "cpu":
         dev = torch.device(device)
-        from launch.loop import to_device
+        from launch.runtime.loop import to_device
 
         imgs = to_device(first["images"], dev)
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-        finish = kornia_finish(aug, dev) if impl == "kornia" else (lambda x: finish_images(x, aug))
+        finish = kornia_finish(aug, dev) if impl == "kornia" else views.finish
         finish(imgs)
         sync()
         t = time.perf_counter()
@@ -165,7 +162,7 @@ def kornia_finish(aug, dev):
 def measure_dali(cfg, shards: str, tokenizer, batch: int, seconds: float) -> dict:
     """The same views with NVIDIA DALI on its CPU backend (``nvidia-dali-cuda120`` installed): its
     WebDataset reader, one decode (libjpeg-turbo), then per crop ``random_resized_crop`` (cubic,
-    antialias) and a random flip, uint8 HWC; captions tokenized as ``clip.data.CaptionCollate``
+    antialias) and a random flip, uint8 HWC; captions tokenized as ``clip.data.pairs.CaptionCollate``
     does. One DALI thread, synchronous execution: a per-core figure like the others."""
     import glob
 
@@ -173,8 +170,8 @@ def measure_dali(cfg, shards: str, tokenizer, batch: int, seconds: float) -> dic
     import torch
     from nvidia.dali import fn, pipeline_def, types
 
-    from clip.data import CaptionCollate, extract_captions
-    from mae.views import as_specs
+    from clip.data.pairs import CaptionCollate, extract_captions
+    from mae.images.views import as_specs
 
     files = sorted(glob.glob(os.path.join(shards, "*.tar")))
     specs = as_specs(cfg.augment.specs())
@@ -222,21 +219,22 @@ def train(cfg, impl: str, shards: str, tokenizer, batch: int, workers: int, step
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from clip.augment import build_multicrop, finish_images
-    from clip.data import CaptionCollate, build_pair_dataset
-    from clip.loss import ClipLoss
+    from clip.data.multicrop import build_multicrop
+    from clip.data.pairs import CaptionCollate, PairDataset
     from clip.model import CLIP
-    from clip.text import text_config_for
-    from launch.loop import to_device
-    from launch.perf import peak_tflops
+    from clip.model.loss import ClipLoss
+    from clip.model.tokens import text_config_for
+    from launch.runtime.loop import to_device
+    from launch.runtime.perf import peak_tflops
 
     dev = torch.device(device)
     aug = replace(cfg.augment, impl=impl)
     model = CLIP(replace(cfg.model, text=text_config_for(cfg.model.text, tokenizer))).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
     loss_fn = ClipLoss()
-    ds = build_pair_dataset(shards, build_multicrop(aug), languages=cfg.data.languages, resampled=True)
-    collate = CaptionCollate(tokenizer, cfg.data.languages, mode=cfg.data.caption_mode,
+    views = build_multicrop(aug)
+    ds = PairDataset(shards, views, languages=cfg.data.languages, resampled=True)
+    collate = CaptionCollate(tokenizer, views, cfg.data.languages, mode=cfg.data.caption_mode,
                              context_length=cfg.model.text.context_length)
     loader = iter(torch.utils.data.DataLoader(ds, batch_size=batch, collate_fn=collate, num_workers=workers,
                                               pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None))
@@ -250,7 +248,7 @@ def train(cfg, impl: str, shards: str, tokenizer, batch: int, workers: int, step
         with cast:
             counter = FlopCounterMode(display=False) if flops is None else contextlib.nullcontext()
             with counter:
-                img, txt, scale = model(finish_images(b["images"], aug), b["tokens"], b["text_mask"])
+                img, txt, scale = model(views.finish(b["images"]), b["tokens"], b["text_mask"])
                 loss = loss_fn(img, txt, b["text_mask"], scale)
             if flops is None:
                 flops = 3.0 * counter.get_total_flops() / batch
@@ -297,7 +295,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="0: in-process, one thread (per-core figure)")
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS + OPTIONAL)
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "clip.yaml"))
-    ap.add_argument("--device", default="cpu", help="where finish_images runs (cuda for the GPU path)")
+    ap.add_argument("--device", default="cpu", help="where views.finish runs (cuda for the GPU path)")
     ap.add_argument("--train-steps", type=int, default=0, help="train the configured CLIP this many steps per impl")
     ap.add_argument("--precision", default="bf16", choices=("fp32", "bf16"), help="with --train-steps")
     args = ap.parse_args()
@@ -307,8 +305,8 @@ def main() -> None:
 
     import torch
 
-    from launch.config import load_config
-    from launch.train_clip import CLIPRunConfig
+    from launch.runtime.config import load_config
+    from launch.stages.clip import CLIPRunConfig
 
     torch.set_num_threads(1)
     cfg = load_config(CLIPRunConfig, args.config, [])

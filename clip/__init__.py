@@ -1,7 +1,12 @@
-"""Bilingual CLIP (stage 2). The Python API (:mod:`clip.api`) is imported on first use, so
-``import clip.model`` stays as light as before::
+"""Stage 2: the bilingual CLIP. :mod:`clip.model` (towers, model, losses, tokenizer contract,
+checkpoint), :mod:`clip.data` (multi-crop views, image–caption pairs, data preparation),
+:mod:`clip.eval` (evaluation), :mod:`clip.interop` (weights in from and out to other tools); the
+Python API (:mod:`clip.api`, imported on first use so that ``import clip.model`` stays light)::
 
     model, preprocess = clip.load(run_dir); tokenizer = clip.get_tokenizer(run_dir)
+
+and the command lines ``python -m clip.eval | clip.export | clip.translate | clip.shards``.
+Imports :mod:`mae` (its image tower and image pipeline) and :mod:`tokenizer`; never :mod:`launch`.
 """
 _API = ("load", "create_model", "create_model_and_transforms", "get_tokenizer", "image_transform")
 __all__ = list(_API)

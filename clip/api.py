@@ -7,60 +7,25 @@
     text_features = model.encode_text(tokenizer(["a dog", "개"]), normalize=True)
 
 ``preprocess`` takes a PIL image of any mode (palette, RGBA, LA, L, CMYK, RGB) and gives exactly
-the pixels of the training and evaluation path (:func:`mae.data.load_rgb`: EXIF orientation,
-transparency flattened onto white, RGB; then :func:`mae.data.eval_transform`).
-
-What a path may be (:func:`locate`): a run folder holding ``clip_ckpt.pt`` (or a
-``save_pretrained`` folder holding ``config.json`` + ``model.safetensors``) and ``tokenizer/``,
-or the checkpoint file itself with ``tokenizer/`` beside it.
+the pixels of evaluation (:func:`mae.images.decode.to_rgb`: EXIF orientation, transparency onto
+white, RGB; then :func:`clip.eval.encode.eval_view`: the model's size and the normalisation it was
+trained with). A path is found by :func:`clip.model.checkpoint.locate`.
 """
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import torch
 from PIL import Image
 
-from mae.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from mae.data import CLIP_MEAN, CLIP_STD, eval_transform, load_rgb, to_rgb
-
-CKPT_FILE = "clip_ckpt.pt"
-
-
-def locate(path: str | os.PathLike) -> tuple[Path, Path]:
-    """``(checkpoint, tokenizer folder)`` of a run folder, an export folder or a checkpoint file.
-    FileNotFoundError (one line) when there is no CLIP checkpoint at ``path``."""
-    p = Path(path)
-    if p.is_dir():
-        if (p / CKPT_FILE).is_file():
-            return p / CKPT_FILE, p / "tokenizer"
-        if (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file():
-            return p, p / "tokenizer"
-        raise FileNotFoundError(f"no CLIP checkpoint in {p}: expected {CKPT_FILE}, or {CONFIG_FILE} + {WEIGHTS_FILE}")
-    if p.is_file():
-        return p, p.parent / "tokenizer"
-    raise FileNotFoundError(f"CLIP checkpoint not found: {p}")
-
-
-def read_config(path: str | os.PathLike) -> dict:
-    """The saved ``{"config": ..., "tokenizer": fingerprint}`` of a checkpoint, without its weights."""
-    ckpt, _ = locate(path)
-    if ckpt.is_dir() or ckpt.suffix == ".safetensors":
-        folder = ckpt if ckpt.is_dir() else ckpt.parent
-        return json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    from mae.checkpoint import CLIP_FORMAT, load_checkpoint
-
-    meta = load_checkpoint(ckpt, CLIP_FORMAT)  # weights-only; the tensors are dropped right away
-    return {k: v for k, v in meta.items() if k != "model"}
+from mae.images.decode import load_rgb, to_rgb
 
 
 class Preprocess:
     """PIL image of any mode (or a path / encoded bytes) -> (3, S, S) float tensor, normalised.
 
     Args:
-        transform: the tensor pipeline applied to the RGB image (default: the evaluation view).
+        transform: the tensor pipeline applied to the RGB image.
     """
 
     def __init__(self, transform):
@@ -79,15 +44,19 @@ class Preprocess:
         return f"Preprocess(to_rgb -> {self.transform})"
 
 
-def image_transform(image_size: int, is_train: bool = False, mean=CLIP_MEAN, std=CLIP_STD) -> Preprocess:
-    """The user-facing transform: :func:`mae.data.eval_transform` (or, with ``is_train``, one global
-    crop of the CLIP stage's default multi-crop) behind the training loader's RGB conversion."""
-    if is_train:
-        from clip.augment import MultiCropConfig, crop_transform
+def image_transform(model_cfg, is_train: bool = False) -> Preprocess:
+    """The user-facing transform of a model (its ``CLIPConfig``): the evaluation view (or, with
+    ``is_train``, one global crop of the CLIP stage's default multi-crop) at its size, with its
+    normalisation, behind the loaders' RGB conversion."""
+    from clip.eval.encode import eval_view
 
-        cfg = MultiCropConfig()
-        return Preprocess(crop_transform(image_size, cfg.global_scale, cfg.strong, mean, std))
-    return Preprocess(eval_transform(image_size, mean, std))
+    if is_train:
+        from clip.data.multicrop import MultiCropConfig
+        from mae.images.transforms import random_crop
+
+        return Preprocess(random_crop(model_cfg.vision.img_size, MultiCropConfig().global_scale, model_cfg.image_mean,
+                                      model_cfg.image_std))
+    return Preprocess(eval_view(model_cfg))
 
 
 def load(name: str | os.PathLike, device: str | torch.device = "cpu"):
@@ -95,12 +64,10 @@ def load(name: str | os.PathLike, device: str | torch.device = "cpu"):
 
     With ``tokenizer/`` beside the checkpoint, a checkpoint trained with another tokenizer is refused.
     """
-    from clip.model import load_clip
+    from clip.model.checkpoint import load_clip_and_tokenizer
 
-    ckpt, tok_dir = locate(name)
-    fingerprint = _tokenizer(tok_dir).fingerprint if tok_dir.is_dir() else None
-    model = load_clip(ckpt, device=device, tokenizer=fingerprint)
-    return model, image_transform(model.cfg.vision.img_size)
+    model, _ = load_clip_and_tokenizer(name, device=device, require_tokenizer=False)
+    return model, image_transform(model.cfg)
 
 
 def create_model_and_transforms(model_name: str | os.PathLike | None = None, pretrained: str | os.PathLike | None = None,
@@ -112,7 +79,7 @@ def create_model_and_transforms(model_name: str | os.PathLike | None = None, pre
     if path is None:
         raise ValueError("create_model_and_transforms needs a run folder, export folder or checkpoint file")
     model, preprocess = load(path, device)
-    return model, image_transform(model.cfg.vision.img_size, is_train=True), preprocess
+    return model, image_transform(model.cfg, is_train=True), preprocess
 
 
 def create_model(model_name: str | os.PathLike, device: str | torch.device = "cpu"):
@@ -123,17 +90,13 @@ def create_model(model_name: str | os.PathLike, device: str | torch.device = "cp
 def get_tokenizer(name: str | os.PathLike, context_length: int | None = None):
     """The tokenizer of a run or export (its ``tokenizer/``), encoding to the model's context length
     unless ``context_length`` is given: ``tokenizer(["a dog", "개"])`` -> (B, T) ids for ``encode_text``."""
+    from clip.model.checkpoint import config_from_dict, locate, read_meta
+    from clip.model.tokens import load_text_tokenizer
+
     ckpt, tok_dir = locate(name)
-    meta = read_config(name)
-    tok = _tokenizer(tok_dir)
+    meta = read_meta(name)
+    tok = load_text_tokenizer(tok_dir, context_length or config_from_dict(meta["config"], str(ckpt)).text.context_length)
     trained = meta.get("tokenizer")
     if trained and trained != tok.fingerprint:
         raise ValueError(f"{ckpt} was trained with tokenizer {trained}, not the one in {tok_dir} ({tok.fingerprint})")
-    tok.context_length = int(context_length or meta["config"]["text"]["context_length"])
     return tok
-
-
-def _tokenizer(folder: Path):
-    from clip.hf_text import load_text_tokenizer
-
-    return load_text_tokenizer(folder)  # ours, or a transformers text tower's own

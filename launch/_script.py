@@ -4,8 +4,8 @@
 as a script, which puts its folder, ``launch/``, first on ``sys.path``; there ``mae.py`` and
 ``clip.py`` would shadow the ``mae`` and ``clip`` packages. The two scripts import this module
 by its bare name (it sits beside them, the one place where that works), which swaps that entry
-for the project root, and then run their stage module (``launch.train_mae``,
-``launch.train_clip``) through :func:`launch.loop.run_main`.
+for the project root, and then run their stage module (``launch.stages.mae``,
+``launch.stages.clip``) through :func:`launch.runtime.loop.run_main`.
 """
 import importlib
 import sys
@@ -17,6 +17,6 @@ sys.path.insert(0, str(_HERE.parent))
 
 
 def run(module: str) -> None:
-    from launch.loop import run_main
+    from launch.runtime.loop import run_main
 
     run_main(importlib.import_module(module).main)

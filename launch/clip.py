@@ -4,9 +4,9 @@
     deepspeed --num_gpus 2 launch/clip.py --init mae_ckpt.pt --config configs/clip_tiny.yaml
     python launch/clip.py --help         # every config key with its type and value
 
-The stage is ``launch/train_clip.py``; this file only makes it runnable as a script.
+The stage is ``launch/stages/clip.py``; this file only makes it runnable as a script.
 """
 if __name__ == "__main__":
     import _script  # launch/_script.py: puts the project root, not launch/, first on sys.path
 
-    _script.run("launch.train_clip")
+    _script.run("launch.stages.clip")

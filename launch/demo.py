@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch.dist import free_port
+from launch.runtime.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

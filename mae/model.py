@@ -13,8 +13,6 @@ P = patch·patch·3 pixels per patch, Gh x Gw patch grid, C channels, p patch si
 """
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +21,6 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from mae.checkpoint import MAE_FORMAT, load_checkpoint, save_checkpoint
 from mae.vit import ViTConfig, VisionTransformer, run_blocks
 
 
@@ -31,7 +28,6 @@ from mae.vit import ViTConfig, VisionTransformer, run_blocks
 class MAEConfig:
     """MAE sizes. Defaults: ViT-B/32 encoder, MAE's 8-block 512-wide decoder, 75% masking.
 
-    ``encoder`` may be given as a dict (as read from YAML or ``dataclasses.asdict``).
     The decoder's MLP uses the encoder's ``mlp_ratio`` (4, as in MAE).
     """
 
@@ -43,8 +39,9 @@ class MAEConfig:
     norm_pix_loss: bool = True
 
     def __post_init__(self):
-        if isinstance(self.encoder, dict):
-            object.__setattr__(self, "encoder", ViTConfig(**self.encoder))
+        for name in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_mask_ratio(self.mask_ratio)
         for name in ("encoder.embed_dim", "decoder_embed_dim"):
             dim = self.encoder.embed_dim if name == "encoder.embed_dim" else self.decoder_embed_dim
@@ -194,8 +191,11 @@ class MaskedAutoencoder(nn.Module):
 
     # ---- masking, encoder, decoder, loss ------------------------------------------------------
 
-    def _shuffle(self, B: int, L: int, mask_ratio: float, device: torch.device):
-        """Random per-sample split of L patches: ``(ids_keep (B, K), mask (B, L), ids_restore (B, L))``."""
+    def random_masking(self, B: int, L: int, mask_ratio: float, device: torch.device):
+        """Per-sample random masking by argsort of uniform noise (MAE): ``num_kept(L, mask_ratio)``
+        patches stay per sample. Returns ``(ids_keep (B, K), mask (B, L) float with 1 = masked,
+        ids_restore (B, L))``; ``ids_restore`` puts the shuffled sequence (kept first) back in
+        raster order."""
         check_mask_ratio(mask_ratio)
         keep = num_kept(L, mask_ratio)
         noise = torch.rand(B, L, device=device)
@@ -204,32 +204,17 @@ class MaskedAutoencoder(nn.Module):
         mask = (ids_restore >= keep).float()  # (B, L): a patch is masked iff ranked past K
         return ids_shuffle[:, :keep], mask, ids_restore
 
-    def random_masking(self, x: torch.Tensor, mask_ratio: float):
-        """Per-sample random masking by argsort of uniform noise (MAE).
-
-        Args:
-            x: patch tokens (B, L, D).
-            mask_ratio: share masked; ``num_kept(L, mask_ratio)`` tokens stay per sample.
-        Returns:
-            ``(x_kept (B, K, D), mask (B, L) float with 1 = masked, ids_restore (B, L))``;
-            ``ids_restore`` puts the shuffled sequence (kept first) back in raster order.
-        """
-        B, L, D = x.shape
-        ids_keep, mask, ids_restore = self._shuffle(B, L, mask_ratio, x.device)
-        x_kept = x.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, D))  # (B, K, D)
-        return x_kept, mask, ids_restore
-
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float):
         """Encode the visible patches: returns ``(latent (B, 1 + K, D), mask, ids_restore)``.
 
-        The same as masking ``encoder.patch_tokens(imgs)`` (which the tests check), but only the
-        kept patches are embedded: the stride-p patch convolution is a linear map of each patch's
-        pixels, so the pixels are gathered first and the masked 75% cost nothing, forward or back.
+        Only the kept patches are embedded: the stride-p patch convolution is a linear map of each
+        patch's pixels, so the pixels are gathered first and the masked 75% cost nothing, forward
+        or back (the same tokens as embedding every patch and then masking, as the tests check).
         """
         gh, gw = self._grid(imgs)
         B, C = imgs.shape[:2]
         enc, p = self.encoder, self.cfg.encoder.patch_size
-        ids_keep, mask, ids_restore = self._shuffle(B, gh * gw, mask_ratio, imgs.device)
+        ids_keep, mask, ids_restore = self.random_masking(B, gh * gw, mask_ratio, imgs.device)
         pixels = imgs.reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)  # (B, Gh, Gw, C, p, p)
         pixels = pixels.reshape(B, gh * gw, C * p * p)  # (B, L, C*p*p): the conv weight's order
         pixels = pixels.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, C * p * p))  # (B, K, C*p*p)
@@ -302,29 +287,3 @@ class MaskedAutoencoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing in the encoder and the decoder (each block recomputed in backward)."""
         self.encoder.set_grad_checkpointing(enable)
-
-    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """The encoder's weights, keyed exactly as timm's ViT (decoder and mask token excluded)."""
-        return self.encoder.state_dict()
-
-
-# ---- the encoder file handed to CLIP ----------------------------------------------------------
-
-def save_encoder_checkpoint(model: MaskedAutoencoder, path: str | os.PathLike) -> None:
-    """Write ``mae_ckpt.pt`` (atomically): the encoder's ``ViTConfig`` and its timm-keyed weights,
-    loadable with ``torch.load(..., weights_only=True)``."""
-    save_checkpoint(path, MAE_FORMAT, dataclasses.asdict(model.cfg.encoder), model.encoder_state_dict())
-
-
-def load_encoder_checkpoint(path: str | os.PathLike) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
-    """Read a ``mae_ckpt.pt`` (weights only) and return ``(ViTConfig, encoder state dict)``.
-
-    Raises FileNotFoundError if it is missing and ValueError (one line naming the file) if it is
-    not a weights-only MAE encoder export or its config is not a ``ViTConfig``.
-    """
-    ckpt = load_checkpoint(path, MAE_FORMAT)
-    try:
-        cfg = ViTConfig(**ckpt["config"])
-    except TypeError as e:
-        raise ValueError(f"{os.fspath(path)}: key 'config' is not a ViTConfig ({e})") from None
-    return cfg, ckpt["model"]

@@ -38,6 +38,19 @@ class ViTConfig:
     norm_eps: float = 1e-6
     act_layer: Literal["gelu", "quick_gelu"] = "gelu"
 
+    def __post_init__(self):
+        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.act_layer not in ("gelu", "quick_gelu"):
+            raise ValueError(f"act_layer must be gelu or quick_gelu, got {self.act_layer!r}")
+        if not self.mlp_ratio > 0 or not self.norm_eps > 0:
+            raise ValueError(f"mlp_ratio and norm_eps must be > 0, got {self.mlp_ratio} and {self.norm_eps}")
+
 
 Pool = Literal["token", "avg"]  # the cls output, or the mean of the patch outputs
 
@@ -53,8 +66,6 @@ def run_blocks(blocks, x: torch.Tensor, checkpointing: bool = False, **kw) -> to
 def tower_options(cfg: ViTConfig) -> dict:
     """timm keyword arguments for the non-default settings only, so a default config builds exactly
     timm's default ViT (norm layer, activation, patch-embed bias)."""
-    if cfg.act_layer not in ("gelu", "quick_gelu"):
-        raise ValueError(f"ViTConfig.act_layer must be 'gelu' or 'quick_gelu', got {cfg.act_layer!r}")
     kw = {}
     if cfg.pre_norm:
         kw["pre_norm"] = True
@@ -102,21 +113,9 @@ class VisionTransformer(_TimmViT):
             return self.pos_embed
         return resample_abs_pos_embed(self.pos_embed, (grid_h, grid_w), num_prefix_tokens=1)
 
-    def patch_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embed images into patch tokens with their position embeddings added.
-
-        Returns ``(tokens, cls)``: tokens (B, L, D) in raster order, and the cls token with its
-        own position embedding, (1, 1, D), for :meth:`forward_tokens`.
-        """
-        x = self.patch_embed(x)  # (B, Gh, Gw, D): dynamic_img_size keeps the grid
-        B, Gh, Gw, D = x.shape
-        pos = self.resized_pos_embed(Gh, Gw)  # (1, 1 + L, D)
-        tokens = x.reshape(B, Gh * Gw, D) + pos[:, 1:]  # (B, L, D)
-        cls = self.cls_token + pos[:, :1]  # (1, 1, D)
-        return tokens, cls
-
     def forward_tokens(self, tokens: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
-        """Run the blocks on (a subset of) patch tokens (B, N, D) behind the cls token.
+        """Run the blocks on (a subset of) patch tokens (B, N, D), position embeddings added, behind
+        ``cls`` (1, 1, D), the cls token with its own position embedding (MAE's encoder pass).
 
         Returns the normalised sequence (B, 1 + N, D); index 0 is the cls output.
         """

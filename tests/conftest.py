@@ -48,7 +48,7 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def free_port() -> int:
     """A free TCP port on localhost for a launcher's rendezvous."""
-    from launch.dist import free_port as find
+    from launch.runtime.dist import free_port as find
 
     return find()
 
@@ -63,7 +63,7 @@ def make_tiny_clip_run(tiny_tokenizer_dir):
     import torch
 
     from clip.model import CLIP, CLIPConfig, save_clip
-    from clip.text import TextConfig
+    from clip.model.text import TextConfig
     from mae.vit import ViTConfig
     from tokenizer import BilingualTokenizer
 

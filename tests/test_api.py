@@ -14,7 +14,8 @@ from PIL import Image
 
 import clip
 from clip.model import load_clip, save_clip
-from mae.data import eval_transform, load_rgb
+from mae.images.decode import load_rgb
+from mae.images.transforms import eval_transform
 from mae.vit import ViTConfig
 
 
@@ -100,7 +101,8 @@ def test_safetensors_exports_match_the_pt_checkpoints(run, tmp_path):
     from safetensors.torch import load_file
 
     from clip.export import main as export_main
-    from mae.model import MAEConfig, MaskedAutoencoder, load_encoder_checkpoint, save_encoder_checkpoint
+    from mae.model import MAEConfig, MaskedAutoencoder
+    from mae.checkpoint import load_encoder_checkpoint, save_encoder_checkpoint
 
     assert export_main(["--checkpoint", str(run), "--format", "safetensors", "--out", str(tmp_path / "c")]) == 0
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["config.json", "model.safetensors", "tokenizer"]

@@ -7,9 +7,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from clip.loss import ClipLoss
+from clip.model.loss import ClipLoss
 from clip.model import CLIP, CLIPConfig
-from clip.text import TextConfig
+from clip.model.text import TextConfig
 from mae.model import MAEConfig, MaskedAutoencoder
 from mae.vit import ViTConfig
 from ranks import average_over_ranks

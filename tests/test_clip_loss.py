@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from clip.loss import ClipLoss
+from clip.model.loss import ClipLoss
 from ranks import average_over_ranks
 
 

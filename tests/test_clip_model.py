@@ -8,9 +8,11 @@ import pytest
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from clip.model import CLIP, CLIPConfig, load_clip, load_mae_encoder, save_clip
-from launch.optim import param_groups
-from clip.text import TextConfig, TextTransformer
+from clip.interop.init import read_init
+from clip.model import CLIP, CLIPConfig, load_clip, save_clip
+from mae.checkpoint import load_encoder_checkpoint
+from launch.runtime.optim import param_groups
+from clip.model.text import TextConfig, TextTransformer
 from mae.vit import ViTConfig, VisionTransformer
 
 TEXT = TextConfig(vocab_size=50, context_length=12, embed_dim=16, depth=2, num_heads=2,
@@ -195,6 +197,11 @@ def test_forward_masks_caption_slots_and_scale(model):
             model.logit_scale.fill_(math.log(1 / 0.07))
 
 
+def load_mae_encoder(model, path):
+    """What the trainer does with ``--init mae_ckpt.pt``: read (shapes from the file), then load."""
+    read_init(path, model.cfg).load_into(model)
+
+
 def _mae_file(path, cfg=VISION, seed=3, extra=None, fmt="enko-clip/mae-encoder/v1"):
     torch.manual_seed(seed)
     state = VisionTransformer(cfg).state_dict()
@@ -252,7 +259,7 @@ def test_load_mae_encoder_rejects_clip_checkpoint_and_bad_format(tmp_path):
         load_mae_encoder(m, tmp_path / "other.pt")
     torch.save(m.visual.state_dict(), tmp_path / "raw.pt")  # a bare state dict
     with pytest.raises(ValueError, match="not an enko-clip checkpoint"):
-        load_mae_encoder(m, tmp_path / "raw.pt")
+        load_encoder_checkpoint(tmp_path / "raw.pt")  # the MAE export's reader (--init reads it as a timm ViT)
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_mae_encoder(m, tmp_path / "nope.pt")
 
@@ -272,7 +279,7 @@ def test_save_load_clip_round_trip(tmp_path, model):
 
 
 def test_param_groups_no_decay_exactly_biases_norms_embeddings_scale(model):
-    decay, no_decay = param_groups(model, 0.2)
+    decay, no_decay = param_groups(model, 0.2)[0]
     assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     got = {names[id(p)] for p in no_decay["params"]}
@@ -291,7 +298,7 @@ def test_param_groups_no_decay_exactly_biases_norms_embeddings_scale(model):
 
     mae = MaskedAutoencoder(MAEConfig(encoder=VISION, decoder_embed_dim=8, decoder_depth=1, decoder_num_heads=2))
     names = {id(p): n for n, p in mae.named_parameters()}
-    mae_decay, mae_no_decay = ({names[id(p)] for p in g["params"]} for g in param_groups(mae, 0.05))
+    mae_decay, mae_no_decay = ({names[id(p)] for p in g["params"]} for g in param_groups(mae, 0.05)[0])
     assert {"mask_token", "encoder.cls_token", "decoder_norm.weight"} <= mae_no_decay
     assert {"decoder_pred.weight", "encoder.blocks.0.attn.qkv.weight"} <= mae_decay
     assert "encoder.pos_embed" not in mae_decay | mae_no_decay

@@ -39,9 +39,9 @@ def test_compiled_stages_train_like_eager(tmp_path, tiny_tokenizer_dir):
 
 def test_inductor_mae_stage_under_deepspeed(tmp_path):
     """The default backend (inductor: generated C++ kernels on a CPU) trains the MAE stage under the
-    DeepSpeed engine like eager: the first step's loss equal, the next within 1e-2 (fused kernels
-    round differently). About a minute, nearly all of it compiling."""
+    DeepSpeed engine like eager: every step's loss within 1e-2 (inductor draws the random masks from
+    its own generator and fuses kernels that round differently; the aot_eager test above shows the
+    compiled graph itself computes the same). About a minute, nearly all of it compiling."""
     compiled = losses(tmp_path, "mae", "mae_inductor", "vis_every=0", "train.compile=true")
     eager = losses(tmp_path, "mae", "mae_eager", "vis_every=0")
-    assert compiled[0] == pytest.approx(eager[0], rel=1e-5)
-    assert compiled == pytest.approx(eager, rel=1e-2)
+    assert compiled != eager and compiled == pytest.approx(eager, rel=1e-2)

@@ -5,7 +5,7 @@ from typing import Optional
 import pytest
 import yaml
 
-from launch.config import ConfigError, RunConfig, TrainConfig, load_config, resolve_path, save_config, to_dict
+from launch.runtime.config import ConfigError, RunConfig, TrainConfig, load_config, resolve_path, save_config, to_dict
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,8 @@ def _stage(args, **kw):
 
 
 def test_stage_help_lists_every_key_and_print_config_resolves(tmp_path):
-    from launch.cli import describe
-    from launch.train_mae import MAERunConfig
+    from launch.runtime.cli import describe
+    from launch.stages.mae import MAERunConfig
 
     r = _stage(["--help", "train.steps=7"])
     assert r.returncode == 0, r.stderr

@@ -15,13 +15,29 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 
-from clip.data import CaptionCollate, build_pair_dataset, split_rows
-from clip.shards import main as data_main, write_shards
-from mae.data import iter_manifest, load_rgb, mae_transform
-from mae.dataset import build_image_dataset
+from clip.data.pairs import CaptionCollate, PairDataset, split_rows
+from clip.data.shards import write_shards
+from clip.shards import main as data_main
+from mae.images.decode import load_rgb
+from mae.images.sources import iter_manifest
+from mae.images.decode import Decoded
+from mae.images.transforms import random_crop
+from mae.images.stream import ImageDataset
 
 
 # ----------------------------------------------------------------------------- helpers
+def build_image_dataset(source, transform, **kw):  # a transform of decoded images, as the tests write them
+    return ImageDataset(source, Decoded(transform), **kw)
+
+
+def build_pair_dataset(source, transform, **kw):
+    return PairDataset(source, Decoded(transform), **kw)
+
+
+def mae_transform(size: int):  # the MAE stage's reference view
+    return random_crop(size, (0.2, 1.0))
+
+
 def fingerprint(img: Image.Image) -> torch.Tensor:
     """A transform that identifies the decoded image (so image-only streams can be checked)."""
     return torch.tensor(int.from_bytes(hashlib.md5(img.tobytes()).digest()[:7], "big"))
@@ -352,7 +368,7 @@ def test_collate_all_languages(tokenizer):
     caps = [{"en": ["red apple"], "ko": ["빨간 사과"]}, {"ko": ["고양이", "새끼 고양이"]}, {"en": ["dog", "a dog", "puppy"]}]
     samples = [{"image": two_crops(None), "captions": c, "key": k, "n_skipped": sk, "n_dropped": dr}
                for c, k, sk, dr in zip(caps, "abc", (1, 0, 2), (0, 2, 0))]
-    batch = CaptionCollate(tok, ("en", "ko"), mode="all", seed=0)(samples)
+    batch = CaptionCollate(tok, languages=("en", "ko"), mode="all", seed=0)(samples)
     T = tok.context_length
     assert [im.shape for im in batch["images"]] == [(3, 3, 8, 8), (3, 3, 4, 4)]
     assert batch["tokens"].shape == (3, 2, T) and batch["tokens"].dtype == torch.long
@@ -368,23 +384,23 @@ def test_collate_all_languages(tokenizer):
 def test_collate_sample_mode_and_determinism(tokenizer):
     samples = [{"image": torch.zeros(3, 8, 8), "key": str(i), "n_skipped": 0,
                 "captions": {"en": [f"dog {i}", f"cat {i}"], "ko": [f"개 {i}"]}} for i in range(16)]
-    collate = CaptionCollate(tokenizer, ("en", "ko"), mode="sample", seed=5)
+    collate = CaptionCollate(tokenizer, languages=("en", "ko"), mode="sample", seed=5)
     batch = collate(samples)
     assert [im.shape for im in batch["images"]] == [(16, 3, 8, 8)]
     assert batch["tokens"].shape == (16, 1, tokenizer.context_length)
     assert batch["text_mask"].all() and batch["languages"] == ["mixed"]
     langs = Counter(row[0] for row in batch["slot_languages"])
     assert set(langs) == {"en", "ko"}  # mixed batch (16 draws: both appear for this seed)
-    again = CaptionCollate(tokenizer, ("en", "ko"), mode="sample", seed=5)(samples)
+    again = CaptionCollate(tokenizer, languages=("en", "ko"), mode="sample", seed=5)(samples)
     assert torch.equal(again["tokens"], batch["tokens"])
     assert not torch.equal(collate(samples)["tokens"], batch["tokens"])  # next call, next draws
     with pytest.raises(ValueError, match="mode"):
-        CaptionCollate(tokenizer, ("en",), mode="one")
+        CaptionCollate(tokenizer, languages=("en",), mode="one")
 
 
 def test_pair_loader_end_to_end(subset, shard_dir, tokenizer):
     ds = build_pair_dataset(str(shard_dir), mae_transform(32), languages=("en", "ko"))
-    loader = DataLoader(ds, batch_size=8, num_workers=2, collate_fn=CaptionCollate(tokenizer, ("en", "ko")))
+    loader = DataLoader(ds, batch_size=8, num_workers=2, collate_fn=CaptionCollate(tokenizer, languages=("en", "ko")))
     batches = list(loader)
     assert sum(len(b["keys"]) for b in batches) == 40
     assert all(b["text_mask"].all() for b in batches)
@@ -483,7 +499,7 @@ def test_csv_and_tsv_tables_are_caption_sources(tmp_path, subset):
 
 
 def test_tar_member_reader_equals_webdatasets(tmp_path):
-    """Our reader of local plain tars (mae.shards.tar_members) yields exactly webdataset's members
+    """Our reader of local plain tars (mae.images.shards.tar_members) yields exactly webdataset's members
     for ustar, GNU and pax archives (long and non-ASCII names, a folder, a link, a __meta__ file),
     routes compressed tars to webdataset, and raises for truncation and a corrupt header."""
     import gzip
@@ -491,7 +507,7 @@ def test_tar_member_reader_equals_webdatasets(tmp_path):
 
     from webdataset import tariterators
 
-    from mae.shards import _plain_tar, iter_shard_samples, tar_members
+    from mae.images.shards import _plain_tar, iter_shard_samples, tar_members
 
     def library(path):
         return list(tariterators.tar_file_expander(tariterators.url_opener([{"url": str(path)}])))

@@ -1,4 +1,4 @@
-"""clip.metrics / clip.evaluate / clip.eval: hand-computed metrics, chance level and k cap, a
+"""clip.eval.metrics / clip.eval.tasks / clip.eval: hand-computed metrics, chance level and k cap, a
 synthetic zero-shot case with a known answer, the held-out validation against the CLI and a
 reference loss, the charts, and the CLI (JSON schema, error paths) on a tiny CLIP over bundled
 emoji rows."""
@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip.encode import zeroshot_classifier
+from clip.eval.encode import zeroshot_classifier
 from clip.eval import main
-from clip.evaluate import (
+from clip.eval.tasks import (
     evaluate_crosslingual, evaluate_heldout, evaluate_retrieval, evaluate_zeroshot, flatten_metrics,
 )
-from clip.metrics import (
-    accuracy_at_k, chance_at_k, curve_ks, rank_stats, ranks_from_scores, retrieval_metrics, retrieval_ranks,
-    topk_accuracy,
+from clip.eval.metrics import (
+    accuracy_at_k, chance_at_k, class_ranks, curve_ks, metrics_from_ranks, rank_stats, ranks_from_scores,
+    retrieval_ranks,
 )
 
 GROUPS_KO = {
@@ -37,7 +37,7 @@ def test_ranks_ties_are_pessimistic():
     correct[0, 0] = correct[1, 2] = correct[2, 1] = correct[3, 0] = True
     # tie with one wrong item -> 2 (optimistic would say 1); all equal -> last; NaN -> last
     assert ranks_from_scores(scores, correct).tolist() == [2, 3, 3, 3]
-    assert topk_accuracy(scores[:3], torch.tensor([0, 2, 1]), ks=(1, 2, 3)) == {1: 0.0, 2: 1 / 3, 3: 1.0}
+    assert accuracy_at_k(class_ranks(scores[:3], torch.tensor([0, 2, 1])), ks=(1, 2, 3)) == {1: 0.0, 2: 1 / 3, 3: 1.0}
 
 
 def test_retrieval_metrics_hand_computed_several_captions():
@@ -53,7 +53,7 @@ def test_retrieval_metrics_hand_computed_several_captions():
     # image 0: best own caption t1 (0.8) beats all -> 1 (its other caption t0 alone would rank 3);
     # image 1: t0 (0.9) beats t2 (0.5) -> 2; image 2: best own t3 (0.2) -> 1
     assert i2t.tolist() == [1, 2, 1]
-    m = retrieval_metrics(image_emb, text_emb, text_image, ks=(1, 2, 5))
+    m = metrics_from_ranks(t2i, i2t, ks=(1, 2, 5), n_images=3, n_texts=5)
     assert m["text_to_image_R@1"] == pytest.approx(0.4)
     assert m["text_to_image_R@2"] == 1.0
     assert m["image_to_text_R@1"] == pytest.approx(2 / 3)
@@ -104,7 +104,7 @@ def test_chance_level_and_k_cap():
 
 
 def test_charts_chance_line_axis_labels_legend_outside(tmp_path):
-    from clip.charts import plot_accuracy_at_k, plot_rank_boxplot
+    from clip.eval.charts import plot_accuracy_at_k, plot_rank_boxplot
 
     curves = {"en": {"1": 0.2, "2": 0.5, "3": 1.0}, "ko": {"1": 0.4, "2": 0.6, "3": 1.0}}
     fig = plot_accuracy_at_k(curves, tmp_path / "acc.png", "zero-shot", chance_at_k([1, 2, 3], 3),
@@ -268,7 +268,7 @@ def test_cli_zeroshot_schema(tiny_run, capsys):
 
 
 def test_cli_retrieval_schema_and_val_split(tiny_run):
-    from clip.data import split_rows
+    from clip.data.pairs import split_rows
 
     out = tiny_run["root"] / "out_ret"
     rc = main(["retrieval", "--checkpoint", str(tiny_run["run"] / "clip_ckpt.pt"), "--manifest",
@@ -351,9 +351,9 @@ def test_cli_bad_input_exit_2_one_line(tiny_run, capsys, case):
 
 
 def _heldout_inputs(tiny_run):
-    from mae.data import eval_transform
+    from mae.images.transforms import eval_transform
     from clip.model import load_clip
-    from mae.data import iter_manifest
+    from mae.images.sources import iter_manifest
     from tokenizer import BilingualTokenizer
 
     model = load_clip(tiny_run["run"] / "clip_ckpt.pt")
@@ -363,9 +363,9 @@ def _heldout_inputs(tiny_run):
 
 
 def test_evaluate_heldout_matches_cli_and_reference_loss(tiny_run):
-    from clip.data import extract_captions
-    from mae.data import load_rgb
-    from clip.loss import ClipLoss
+    from clip.data.pairs import extract_captions
+    from mae.images.decode import load_rgb
+    from clip.model.loss import ClipLoss
 
     model, tok, rows, tf = _heldout_inputs(tiny_run)
     model.train()

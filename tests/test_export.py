@@ -1,4 +1,4 @@
-"""clip.export to open_clip (loaded by open_clip with no code of ours: embeddings to 1e-5 in fp32,
+"""clip.interop.export to open_clip (loaded by open_clip with no code of ours: embeddings to 1e-5 in fp32,
 English and Korean, and the same token ids), CLIP_benchmark on the export against clip.eval
 (identical recall), and the OpenAI-layout import (open_clip's ViT-B-32 layout, GELU and QuickGELU,
 shrunk) against open_clip's own forward, with its errors."""
@@ -14,7 +14,7 @@ import torch
 open_clip = pytest.importorskip("open_clip")
 
 from clip.model import CLIP, CLIPConfig, save_clip  # noqa: E402
-from clip.text import TextConfig  # noqa: E402
+from clip.model.text import TextConfig  # noqa: E402
 from mae.vit import ViTConfig  # noqa: E402
 
 TEXTS = ["a red heart", "dog face", "  Grinning   FACE with big eyes ", "빨간 하트", "강아지 얼굴",
@@ -77,7 +77,7 @@ def test_open_clip_export_native_tower_same_embeddings(tmp_path, tiny_tokenizer_
 def test_open_clip_export_timm_tower_vit_b32_by_name(tmp_path, tiny_tokenizer_dir):
     """Our ViT-B/32 is timm's vit_base_patch32_224: open_clip's timm tower, weights unchanged; loaded
     the open_clip way, by name + pretrained=PATH."""
-    from clip.export import export
+    from clip.interop.export import export
 
     ours, tok = _run(tmp_path / "run", tiny_tokenizer_dir, ViTConfig())
     out = export(str(tmp_path / "run"), "open_clip", str(tmp_path / "oc"), name="enko-clip-b32")
@@ -98,8 +98,8 @@ def test_clip_benchmark_recall_equals_clip_eval(tmp_path, tiny_tokenizer_dir, da
     from clip_benchmark.cli import main as cb_main
 
     from clip.eval import main as eval_main
-    from clip.export import export
-    from mae.data import load_rgb
+    from clip.interop.export import export
+    from mae.images.decode import load_rgb
 
     vision = ViTConfig(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2)
     _run(tmp_path / "run", tiny_tokenizer_dir, vision)
@@ -175,11 +175,28 @@ def _open_clip_vit_b32(tmp_path, quick_gelu: bool, vocab_size: int = 2000):
     return model
 
 
+def load_openai_clip(path, act: str = "quick_gelu", text: TextConfig | None = None) -> CLIP:
+    """What ``--init weights.pt`` loads: the OpenAI-layout file read (sizes from the tensors, the
+    vocabulary the tokenizer's: here the file's own) into a CLIP with activation ``act``."""
+    from dataclasses import replace
+
+    from clip.interop.init import read_init
+    from mae.common.files import read_state_dict
+    from mae.vit import ViTConfig
+
+    embedding = read_state_dict(path).get("token_embedding.weight")
+    text = replace(text or TextConfig(), act_layer=act)
+    text = replace(text, vocab_size=embedding.shape[0]) if embedding is not None else text
+    init = read_init(path, CLIPConfig(vision=ViTConfig(act_layer=act), text=text))
+    model = CLIP(init.model)
+    init.load_into(model)
+    return model.eval()
+
+
 @pytest.mark.parametrize("quick_gelu", [False, True])
 def test_import_open_clip_vit_b32_layout_same_embeddings(tmp_path, tiny_tokenizer_dir, quick_gelu):
     from safetensors.torch import save_file
 
-    from clip.openai_layout import load_openai_clip
     from tokenizer import BilingualTokenizer
 
     ref = _open_clip_vit_b32(tmp_path, quick_gelu)
@@ -214,7 +231,6 @@ def test_import_open_clip_vit_b32_layout_same_embeddings(tmp_path, tiny_tokenize
 
 
 def test_import_errors_are_one_line(tmp_path):
-    from clip.openai_layout import load_openai_clip
 
     ref = _open_clip_vit_b32(tmp_path, True)
     state = ref.state_dict()
@@ -225,7 +241,7 @@ def test_import_errors_are_one_line(tmp_path):
     torch.save({k: v for k, v in state.items() if k != "visual.ln_pre.weight"}, tmp_path / "missing.pt")
     torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
     for path, expected in [("siglip.pt", "outside OpenAI CLIP's layout"), ("bad.pt", "disagree on the joint width"),
-                           ("missing.pt", "missing visual.norm_pre.weight"), ("other.pt", "not OpenAI CLIP's layout")]:
+                           ("missing.pt", "missing key visual.norm_pre.weight"), ("other.pt", "not OpenAI CLIP's layout")]:
         with pytest.raises(ValueError, match=expected) as e:
             load_openai_clip(tmp_path / path)
         assert "\n" not in str(e.value)
@@ -238,8 +254,8 @@ def test_init_from_openai_layout_with_an_hf_tokenizer(tmp_path, data_dir, capsys
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from launch.config import ConfigError, load_config
-    from launch.train_clip import CLIPRunConfig, resolve
+    from launch.runtime.config import ConfigError, load_config
+    from launch.stages.clip import CLIPRunConfig, resolve
     from tokenizer import BilingualTokenizer
     from tokenizer.hf_import import main as import_main
 
@@ -264,11 +280,12 @@ def test_init_from_openai_layout_with_an_hf_tokenizer(tmp_path, data_dir, capsys
     quick = replace(cfg.model, vision=replace(cfg.model.vision, act_layer="quick_gelu"),
                     text=replace(cfg.model.text, act_layer="quick_gelu"))
     cfg = replace(cfg, model=quick, data=replace(cfg.data, tokenizer=str(tmp_path / "tok")))
-    resolved, _, _, init = resolve(cfg, str(tmp_path / "w.pt"))
+    run = resolve(cfg, str(tmp_path / "w.pt"))
+    resolved, init = run.cfg, run.init
     assert init.target == "clip" and resolved.model.vision_pool == "token" and resolved.model.vision.pre_norm
     assert (resolved.model.text.eot_id, resolved.model.text.pad_id, resolved.model.text.context_length) == (2, 1, 32)
     model = CLIP(resolved.model).eval()
-    model.load_state_dict(init.state, strict=True)  # what launch/train_clip.py's main does with it
+    init.load_into(model)  # what launch/stages/clip.py's main does with it
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert (ref.encode_image(x) - model.encode_image(x, normalize=False)).abs().max() <= 1e-5

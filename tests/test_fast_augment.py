@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,12 +20,21 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as F
 
-from clip.augment import DeviceMultiCrop, FastMultiCrop, MultiCrop, MultiCropConfig, finish_images
-from mae.views import apply_flips, collate_pending, collate_views, draw_crops, open_for_crops, reduction_for, sample_box
-from clip.data import CaptionCollate, build_pair_dataset
-from mae.data import load_rgb
+from clip.data.multicrop import MultiCropConfig, build_multicrop
+from clip.data.pairs import CaptionCollate, PairDataset
+from mae.images.views import draw_crops, normalize_uint8, open_for_crops, reduction_for, sample_box
+from reference import apply_flips
+from mae.images.decode import load_rgb
 
 CFG = MultiCropConfig()  # 2 x 224 (0.4-1.0) + 4 x 96 (0.05-0.4)
+
+
+def views(impl: str, cfg: MultiCropConfig = CFG):
+    return build_multicrop(replace(cfg, impl=impl))
+
+
+def normalise(crops):  # uint8 crop batches -> normalised, as the fast path's finish does after its flips
+    return [normalize_uint8(x, CFG.mean, CFG.std) for x in crops]
 
 
 def ks(a: list[float], b: list[float]) -> float:
@@ -100,7 +110,7 @@ def test_fast_path_gives_the_reference_pixels(data_dir, name):
     the normalised batch equals the reference transform's float output."""
     data = (data_dir / name).read_bytes()
     full = F.pil_to_tensor(load_rgb(data))
-    fast = FastMultiCrop(CFG)
+    fast = views("fast")
     for seed in range(3):
         torch.manual_seed(seed)
         item = fast(data)
@@ -115,14 +125,14 @@ def test_fast_path_gives_the_reference_pixels(data_dir, name):
             assert box == tuple(map(round, box))  # not reduced: whole-pixel boxes
             assert torch.equal(c, reference_crop(full, tuple(map(round, box)), size, flip))
         # batched: flipped and normalised on the "device" as the reference does per image
-        got = finish_images(collate_views([item]), CFG)
-        want = finish_images([c[None].contiguous() for c in out], CFG)
+        got = fast.finish(fast.collate([item]))
+        want = normalise([c[None].contiguous() for c in out])
         assert all(torch.equal(g, w) for g, w in zip(got, want))
     # normalisation on the "device" equals the reference's ToDtype + Normalize
-    ref = MultiCrop(CFG).global_transform.transforms[-2:]
+    ref = views("torchvision").transforms[0].transforms[-2:]
     x = out[0]
     want = ref[1](ref[0](x))
-    got = finish_images([x[None]], CFG)[0][0]
+    got = normalise([x[None]])[0][0]
     assert (got - want).abs().max() < 1e-5
 
 
@@ -131,7 +141,7 @@ def test_reduced_jpeg_decode_stays_close_to_the_reference(data_dir):
     error 1.4 uint8 levels, at most 3.2 for a crop."""
     data = jpeg_bytes(data_dir / "photos" / "coffee.jpg", 900 / 400)
     full = F.pil_to_tensor(load_rgb(data))
-    fast = FastMultiCrop(CFG)
+    fast = views("fast")
     errors, reductions = [], set()
     for seed in range(6):
         torch.manual_seed(seed)
@@ -153,23 +163,23 @@ def test_device_path_matches_the_fast_path(data_dir):
     different sizes (padded): within 1.5 uint8 levels of the fast path on average."""
     srcs = [(data_dir / "photos" / "coffee.jpg").read_bytes(), (data_dir / "photos" / "chelsea.jpg").read_bytes(),
             (data_dir / "emoji" / "img" / "1f600.png").read_bytes()]
-    fast, dev = FastMultiCrop(CFG), DeviceMultiCrop(CFG)
+    fast, dev = views("fast"), views("device")
     pending, expected = [], []
     for i, s in enumerate(srcs):
         torch.manual_seed(i)
         expected.append(apply_flips(fast(s)))
         torch.manual_seed(i)
         pending.append(dev(s))
-    batch = collate_pending(pending)
+    batch = dev.collate(pending)
     assert batch["pixels"].dtype == torch.uint8 and batch["boxes"].shape == (3, 6, 4)
-    views = finish_images(batch, CFG)
-    assert [tuple(v.shape) for v in views] == [(3, 3, 224, 224)] * 2 + [(3, 3, 96, 96)] * 4
-    ref = finish_images([torch.stack([e[v] for e in expected]) for v in range(6)], CFG)
+    crops = dev.finish(batch)
+    assert [tuple(v.shape) for v in crops] == [(3, 3, 224, 224)] * 2 + [(3, 3, 96, 96)] * 4
+    ref = normalise([torch.stack([e[v] for e in expected]) for v in range(6)])
     std = torch.tensor(CFG.std).view(1, 3, 1, 1) * 255
-    err = [((a - b) * std).abs().mean().item() for a, b in zip(views, ref)]
+    err = [((a - b) * std).abs().mean().item() for a, b in zip(crops, ref)]
     assert sum(err) / len(err) < 1.5 and max(err) < 3.0
     with pytest.raises(ValueError, match="strong"):
-        DeviceMultiCrop(MultiCropConfig(strong=True, impl="device"))
+        MultiCropConfig(strong=True, impl="device")
 
 
 def test_pair_stream_with_the_fast_path_counts_corrupt_images(tmp_path, data_dir, tiny_tokenizer_dir):
@@ -179,18 +189,18 @@ def test_pair_stream_with_the_fast_path_counts_corrupt_images(tmp_path, data_dir
     (tmp_path / "bad.jpg").write_bytes(good.read_bytes()[:300])  # truncated JPEG
     rows = [{"path": str(good), "en": "a cat", "ko": "고양이"}, {"path": str(tmp_path / "bad.jpg"), "en": "x"},
             {"path": str(good), "en": "a cat again"}]
-    for impl, cls in (("fast", FastMultiCrop), ("device", DeviceMultiCrop)):
-        ds = build_pair_dataset(rows, cls(MultiCropConfig(impl=impl)), shuffle=False)
+    for impl in ("fast", "device"):
+        ds = PairDataset(rows, views(impl), shuffle=False)
         items = list(ds)
         assert len(items) == 2 and sum(it["n_skipped"] for it in items) == 1
     tok = BilingualTokenizer.from_dir(tiny_tokenizer_dir)
-    batch = CaptionCollate(tok, context_length=16)(items)
+    batch = CaptionCollate(tok, views("device"), context_length=16)(items)
     assert isinstance(batch["images"], dict) and batch["images"]["pixels"].shape[0] == 2
 
 
 def test_fast_path_strong_augmentation_stays_uint8(data_dir):
     data = (data_dir / "photos" / "chelsea.jpg").read_bytes()
-    weak, strong = FastMultiCrop(CFG), FastMultiCrop(MultiCropConfig(strong=True))
+    weak, strong = views("fast"), views("fast", MultiCropConfig(strong=True))
     differ = []
     for seed in range(4):
         torch.manual_seed(seed)
@@ -206,18 +216,16 @@ def test_mae_stage_views_on_each_path(data_dir):
     """The MAE stage's single view through the stream and collate, per ``data.impl``: the same
     boxes (same seeds) give the fast path's pixels on the device path (within 1.5 levels), and the
     reference transform's range and shape."""
-    from launch.train_mae import MAEDataConfig
-    from mae.dataset import build_image_dataset, collate_images
-    from mae.views import finish_views
+    from launch.stages.mae import MAEDataConfig
+    from mae.images.stream import ImageCollate, ImageDataset
 
     rows = [{"path": str(data_dir / "photos" / n)} for n in ("coffee.jpg", "chelsea.jpg")]
     rows += [{"path": str(p)} for p in sorted((data_dir / "emoji" / "img").glob("*.png"))[:4]]
     out = {}
     for impl in ("torchvision", "fast", "device"):
-        data = MAEDataConfig(impl=impl)
-        ds = build_image_dataset(rows, data.view(64), shuffle=False)
-        batch = collate_images(list(ds))
-        out[impl] = finish_views(batch["images"], [(64, data.scale)], data.mean, data.std)[0]
+        v = MAEDataConfig(impl=impl).views(64)
+        batch = ImageCollate(v)(list(ImageDataset(rows, v, shuffle=False)))
+        out[impl] = v.finish(batch["images"])[0]
         assert out[impl].shape == (6, 3, 64, 64) and out[impl].dtype == torch.float32
     std = torch.tensor(CFG.std).view(1, 3, 1, 1) * 255
     assert ((out["device"] - out["fast"]) * std).abs().mean() < 1.5

@@ -240,7 +240,7 @@ def test_clip_lr_blow_up_stops_cleanly(clip_setup, tmp_path):
 def error_line(main, argv: list[str], capsys) -> str:
     """``main(argv)`` under the entry points' wrapper, in this process (every case fails before
     any process work): exit 2 and exactly one line on stderr."""
-    from launch.loop import run_main
+    from launch.runtime.loop import run_main
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
@@ -251,9 +251,10 @@ def error_line(main, argv: list[str], capsys) -> str:
 
 
 def test_bad_inputs_are_one_line_and_exit_2(tmp_path, capsys, tiny_tokenizer_dir):
-    from launch.train_clip import main as clip_main
-    from launch.train_mae import main as mae_main
-    from mae.model import MaskedAutoencoder, save_encoder_checkpoint
+    from launch.stages.clip import main as clip_main
+    from launch.stages.mae import main as mae_main
+    from mae.model import MaskedAutoencoder
+    from mae.checkpoint import save_encoder_checkpoint
 
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"file": "a.png"}\n{"file": oops}\n')
@@ -270,8 +271,8 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, capsys, tiny_tokenizer_dir
     evil = tmp_path / "evil.pt"
     evil.write_bytes(pickle.dumps({"format": "enko-clip/mae-encoder/v1", "model": Evil()}))
     tiny = ROOT / "configs" / "mae_tiny.yaml"
-    from launch.config import load_config
-    from launch.train_mae import MAERunConfig
+    from launch.runtime.config import load_config
+    from launch.stages.mae import MAERunConfig
 
     save_encoder_checkpoint(MaskedAutoencoder(load_config(MAERunConfig, str(tiny)).model), tmp_path / "enc.pt")
     raw = torch.load(tmp_path / "enc.pt", weights_only=True)

@@ -10,15 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.config import load_config
+from launch.runtime.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_freeze_window_bf16_zero2(tmp_path, tiny_tokenizer_dir, free_port):
-    from launch.train_mae import MAERunConfig
-    from mae.model import MaskedAutoencoder, save_encoder_checkpoint
+    from launch.stages.mae import MAERunConfig
+    from mae.model import MaskedAutoencoder
+    from mae.checkpoint import save_encoder_checkpoint
 
     mae_cfg = load_config(MAERunConfig, str(ROOT / "configs" / "mae_tiny.yaml")).model
     torch.manual_seed(0)

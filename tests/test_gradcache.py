@@ -13,10 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from clip.loss import ClipLoss
+from clip.model.loss import ClipLoss
 from clip.model import CLIP, CLIPConfig
-from clip.text import TextConfig
-from launch.gradcache import CachedContrastiveStep
+from clip.model.text import TextConfig
+from launch.runtime.gradcache import CachedContrastiveStep
 from mae.vit import ViTConfig
 from ranks import average_over_ranks
 

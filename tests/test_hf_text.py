@@ -30,9 +30,10 @@ def _rows(n: int = 64) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def hf_run(tmp_path_factory):
-    from launch.config import load_config
-    from launch.train_mae import MAERunConfig
-    from mae.model import MaskedAutoencoder, save_encoder_checkpoint
+    from launch.runtime.config import load_config
+    from launch.stages.mae import MAERunConfig
+    from mae.model import MaskedAutoencoder
+    from mae.checkpoint import save_encoder_checkpoint
 
     root = tmp_path_factory.mktemp("hf")
     xlmr = save_tiny_xlmr(root / "xlmr")
@@ -44,7 +45,7 @@ def hf_run(tmp_path_factory):
     out = root / "run"
     cmd = [sys.executable, str(ROOT / "launch" / "clip.py"), "--init", str(root / "mae_ckpt.pt"),
            "--config", str(ROOT / "configs" / "clip_tiny.yaml"), f"run.out_dir={out}", "model.text_tower=hf",
-           f"model.hf_text.path={xlmr}", "model.hf_text.pool=mean", f"data.source={manifest}", "data.val_fraction=0",
+           f"model.hf_text.path={xlmr}", "model.hf_text.pool=avg", f"data.source={manifest}", "data.val_fraction=0",
            "train.zero_stage=2", "train.precision=bf16", f"freeze.image_steps={FREEZE}", f"freeze.text_steps={FREEZE}",
            f"run.ckpt_every={FREEZE}", "run.keep_last=0", f"train.steps={STEPS}", "train.micro_batch_size=16",
            "train.warmup_steps=3", "train.lr=2e-3", "val_every=0", "train.num_workers=0", "run.log_every=1",
@@ -87,7 +88,8 @@ def test_freeze_window_keeps_both_pretrained_towers(hf_run):
 
 
 def test_checkpoint_records_the_tower_and_reloads_without_its_folder(hf_run, tmp_path):
-    from clip.hf_text import HFTextTower, HFTokenizer
+    from clip.model.hf_text import HFTextTower
+    from clip.model.tokens import HFTokenizer
     from clip.model import load_clip
 
     ckpt = torch.load(hf_run["out"] / "clip_ckpt.pt", weights_only=True)
@@ -139,8 +141,8 @@ def _timm_vit(**kw):
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_timm_vit_state_dict_initialises_the_image_tower(tmp_path, suffix):
-    from clip.model import CLIP, CLIPConfig, load_visual_state
-    from clip.timm_vit import load_image_init
+    from clip.interop.init import read_init
+    from clip.model import CLIP, CLIPConfig
     from mae.vit import ViTConfig
 
     theirs = _timm_vit(pre_norm=True).eval()  # CLIP-style: ln_pre, no patch bias, a 10-way head
@@ -150,19 +152,20 @@ def test_timm_vit_state_dict_initialises_the_image_tower(tmp_path, suffix):
         save_file(theirs.state_dict(), str(path))
     else:
         torch.save({"state_dict": {f"module.{k}": v for k, v in theirs.state_dict().items()}}, path)
-    cfg, state, what = load_image_init(path, ViTConfig(num_heads=2))
-    assert what == "timm ViT" and "head.weight" not in state
+    init = read_init(path, CLIPConfig(vision=ViTConfig(num_heads=2)))
+    assert init.what == "timm ViT" and "head.weight" not in init.state
+    cfg = init.model.vision
     assert cfg == ViTConfig(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, pre_norm=True)
     model = CLIP(CLIPConfig(vision=cfg)).eval()
-    load_visual_state(model.visual, cfg, state, str(path), what)
+    init.load_into(model)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model.visual.forward_features(x), theirs.forward_features(x))
 
 
 def test_timm_init_mismatch_is_one_config_error(tmp_path, tiny_tokenizer_dir):
-    from launch.config import ConfigError, load_config
-    from launch.train_clip import CLIPRunConfig, resolve
+    from launch.runtime.config import ConfigError, load_config
+    from launch.stages.clip import CLIPRunConfig, resolve
 
     cfg = load_config(CLIPRunConfig, str(ROOT / "configs" / "clip_tiny.yaml"), [f"data.tokenizer={tiny_tokenizer_dir}"])
     odd = _timm_vit(qk_norm=True, fc_norm=True, global_pool="avg")  # query/key norms, a new fc_norm

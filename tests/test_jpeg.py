@@ -1,4 +1,4 @@
-"""The JPEG route of the fast view paths (mae/jpeg.py) gives Pillow's pixels: every EXIF
+"""The JPEG route of the fast view paths (mae/images/jpeg.py) gives Pillow's pixels: every EXIF
 orientation, greyscale, DCT-reduced sizes; what it cannot vouch for goes to Pillow; corrupt data
 raises; channels-last crops batch and normalise to the planar reference values."""
 from __future__ import annotations
@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mae import jpeg
-from mae.data import load_rgb
-from mae.views import FastCrops, apply_flips, decode_for_crops, draw_crops, normalize_uint8, stack_views
+from mae.images import jpeg
+from mae.images.decode import load_rgb
+from mae.images.views import decode_for_crops, draw_crops, normalize_uint8, stack_views
+from reference import apply_flips, fast_views
 
 
 def encode(img: Image.Image, **kw) -> bytes:
@@ -84,7 +85,7 @@ def test_corrupt_data_raises_and_what_pillow_reads_is_kept(data_dir):
     with pytest.raises(ValueError):
         jpeg.decode(half, info)
     with pytest.raises(Exception):
-        FastCrops([(96, (0.5, 1.0))])(half)  # the streams count it as a skipped sample
+        fast_views([(96, (0.5, 1.0))])(half)  # the streams count it as a skipped sample
 
 
 def test_fast_crops_of_a_rotated_jpeg_are_the_reference_crops(photo):
@@ -99,7 +100,7 @@ def test_fast_crops_of_a_rotated_jpeg_are_the_reference_crops(photo):
     full = F.pil_to_tensor(load_rgb(data))
     specs = [(224, (0.4, 1.0)), (96, (0.05, 0.4))]
     torch.manual_seed(3)
-    item = FastCrops(specs)(data)
+    item = fast_views(specs)(data)
     out = apply_flips(item)
     torch.manual_seed(3)
     boxes = draw_crops(specs, full.shape[-1], full.shape[-2])

@@ -7,16 +7,8 @@ import os
 import pytest
 import torch
 
-from mae.checkpoint import MAE_FORMAT as CHECKPOINT_FORMAT
-from mae.model import (
-    MAEConfig,
-    MaskedAutoencoder,
-    load_encoder_checkpoint,
-    normalize_patches,
-    num_kept,
-    save_encoder_checkpoint,
-    sincos_pos_embed_2d,
-)
+from mae.checkpoint import MAE_FORMAT as CHECKPOINT_FORMAT, load_encoder_checkpoint, save_encoder_checkpoint
+from mae.model import MAEConfig, MaskedAutoencoder, normalize_patches, num_kept, sincos_pos_embed_2d
 from mae.vit import ViTConfig, VisionTransformer
 
 # ViT-B/32 geometry (224 px, 7 x 7 = 49 patches, 12 kept) with tiny widths.
@@ -55,12 +47,18 @@ def test_num_kept_rule():
     assert num_kept(16, 0.0) == 16
 
 
+def masked(model, x, ratio):
+    """The kept tokens of x (B, L, D) under the model's masking, with its mask and restore order."""
+    ids_keep, mask, ids_restore = model.random_masking(x.shape[0], x.shape[1], ratio, x.device)
+    return x.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[2])), mask, ids_restore
+
+
 def test_random_masking_counts_inverse_and_per_sample_sets():
     model = tiny()
     B, L, D = 8, 49, 5
     x = torch.arange(B * L * D, dtype=torch.float32).reshape(B, L, D)
     torch.manual_seed(0)
-    kept, mask, ids_restore = model.random_masking(x, 0.75)
+    kept, mask, ids_restore = masked(model, x, 0.75)
     assert kept.shape == (B, 12, D)
     assert mask.shape == (B, L) and set(mask.unique().tolist()) == {0.0, 1.0}
     assert mask.sum(dim=1).tolist() == [L - 12] * B
@@ -74,10 +72,10 @@ def test_random_masking_counts_inverse_and_per_sample_sets():
     kept_sets = {tuple(sorted(visible[b].nonzero().flatten().tolist())) for b in range(B)}
     assert len(kept_sets) > 1
     # ratio 0 keeps everything
-    kept0, mask0, _ = model.random_masking(x, 0.0)
+    kept0, mask0, _ = masked(model, x, 0.0)
     assert kept0.shape == x.shape and mask0.sum() == 0
     with pytest.raises(ValueError, match="mask_ratio"):
-        model.random_masking(x, 1.0)
+        masked(model, x, 1.0)
 
 
 def test_forward_matches_reference_without_shuffling():
@@ -87,7 +85,8 @@ def test_forward_matches_reference_without_shuffling():
     torch.manual_seed(5)
     _, pred, mask = model(x)
     enc = model.encoder
-    tokens, cls = enc.patch_tokens(x)
+    tokens = enc.patch_embed(x).flatten(1, 2) + enc.pos_embed[:, 1:]  # (B, L, D): every patch, then masked
+    cls = enc.cls_token + enc.pos_embed[:, :1]
     for b in range(2):
         keep = (mask[b] == 0).nonzero().flatten()  # raster order
         latent = enc.forward_tokens(tokens[b:b + 1, keep], cls)
@@ -106,7 +105,7 @@ def test_loss_formula_and_visible_patches_ignored(norm_pix):
     x = images(2) * 3 + 1
     pred = torch.randn(2, 49, p * p * 3)
     torch.manual_seed(0)
-    _, mask, _ = model.random_masking(torch.zeros(2, 49, 1), 0.75)
+    _, mask, _ = model.random_masking(2, 49, 0.75, torch.device("cpu"))
     loss = model.forward_loss(x, pred, mask)
 
     errors = []  # by hand, straight from the image
@@ -210,7 +209,9 @@ def test_reconstruct_pastes_visible_and_undoes_norm_pix():
 
 
 def test_config_validation_and_dict_encoder():
-    cfg = MAEConfig(encoder={"img_size": 96, "patch_size": 16, "embed_dim": 32, "depth": 1, "num_heads": 2})
+    from mae.common.configs import build
+
+    cfg = build(MAEConfig, {"encoder": {"img_size": 96, "patch_size": 16, "embed_dim": 32, "depth": 1, "num_heads": 2}})
     assert cfg.encoder == ViTConfig(img_size=96, patch_size=16, embed_dim=32, depth=1, num_heads=2)
     with pytest.raises(ValueError, match="mask_ratio"):
         MAEConfig(mask_ratio=1.0)
@@ -240,7 +241,7 @@ def test_encoder_state_dict_loads_into_timm_vit_b32():
     torch.manual_seed(0)
     model = MaskedAutoencoder(MAEConfig())
     ref = timm.create_model("vit_base_patch32_224", pretrained=False, num_classes=0)
-    state = model.encoder_state_dict()
+    state = model.encoder.state_dict()
     assert set(state) == set(ref.state_dict())
     assert not any(k.startswith(("decoder", "mask_token")) for k in state)
     ref.load_state_dict(state, strict=True)
@@ -261,7 +262,7 @@ def test_encoder_checkpoint_save_load(tmp_path):
     assert cfg == TINY_ENC
     fresh = VisionTransformer(cfg)
     fresh.load_state_dict(state, strict=True)
-    for k, v in model.encoder_state_dict().items():
+    for k, v in model.encoder.state_dict().items():
         assert torch.equal(state[k], v), k
     save_encoder_checkpoint(model, path)  # overwrite in place
     assert load_encoder_checkpoint(path)[0] == TINY_ENC

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from launch.config import ConfigError, RunConfig, TrainConfig
-from launch.dist import Dist
-from launch.monitor import Monitor, parameter_counts
+from launch.runtime.config import ConfigError, RunConfig, TrainConfig
+from launch.runtime.dist import Dist
+from launch.runtime.monitor import Monitor, parameter_counts
 
 MAIN = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -90,20 +90,16 @@ def test_wandb_logs_offline_and_resumes_the_same_run(tmp_path, monkeypatch):
 
 def test_telemetry_interval_figures():
     """One interval's row: samples/s, step time, data-wait share, epoch and MFU from the counted
-    FLOPs; the ZeRO-0 gradient norm only on logged steps; the interval resets after its row."""
-    from launch.telemetry import Telemetry
+    FLOPs; the gradient norm of a logged step (the engine's: our own pass over the gradients without
+    ZeRO); the interval resets after its row."""
+    from launch.runtime.engine import grad_norm
+    from launch.runtime.telemetry import Telemetry
 
     model = torch.nn.Linear(8, 4, bias=False)
     model(torch.ones(2, 8)).sum().backward()
 
-    class Engine:  # ZeRO-0: DeepSpeed keeps no norm
-        module = model
-
-        def is_gradient_accumulation_boundary(self):
-            return True
-
-        def get_global_grad_norm(self):
-            return None
+    class Engine:  # what the engine holds after a logged step (launch.runtime.engine.Engine.step)
+        grad_norm = None
 
     train = TrainConfig(micro_batch_size=4, grad_accum=2)
     tel = Telemetry(train, MAIN, peak_override=1.0, num_samples=80)
@@ -112,13 +108,14 @@ def test_telemetry_interval_figures():
     x = torch.ones(4, 8)
     tel.count(lambda: model(x), batch_size=4)
     assert tel.flops_per_sample == pytest.approx(3 * 2 * 8 * 4)  # 3 x (2 * in * out) per sample
-    assert tel.own_grad_norm(Engine(), logged=False) is None  # unlogged step: no pass over the gradients
-    own = tel.own_grad_norm(Engine(), logged=True)
-    assert own == pytest.approx(float(model.weight.grad.norm()))
+    own = grad_norm(model)
+    assert own == pytest.approx(float(model.weight.grad.norm())) and grad_norm(model, 2.0) == pytest.approx(own / 2)
+    Engine.grad_norm = 123.0  # an unlogged step's norm is not read
     for _ in range(2):
         tel.add_data_time(0.25)
         tel.after_step(Engine(), logged=False)
-    tel.after_step(Engine(), logged=True, own=own)
+    Engine.grad_norm = own
+    tel.after_step(Engine(), logged=True)
     row = tel.row(seconds=2.0, step=10, micro_batches=6)  # 3 steps x 2 micro-batches of 4
     assert row["train/samples_per_s"] == pytest.approx(12.0)
     assert row["train/step_time_s"] == pytest.approx(2.0 / 3)

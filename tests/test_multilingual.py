@@ -55,7 +55,7 @@ def en_only_run(tmp_path_factory, make_tiny_clip_run):
 
 
 def test_xm3600_and_xtd10_readers(tmp_path):
-    from clip.multilingual import manifest_languages, read_layout
+    from clip.eval.layouts import manifest_languages, read_layout
 
     rows = _emoji()
     xm = read_layout("xm3600", str(_write_xm3600(tmp_path / "a", rows)), None)
@@ -79,7 +79,7 @@ def test_xm3600_and_xtd10_readers(tmp_path):
 
 def test_babel_imagenet_from_the_installed_clip_benchmark():
     pytest.importorskip("clip_benchmark")
-    from clip.multilingual import babel_imagenet
+    from clip.eval.layouts import babel_imagenet
 
     tables = babel_imagenet(["ko", "de"])
     for lang, (labels, names, templates) in tables.items():
@@ -109,7 +109,7 @@ def test_eval_cli_reports_unseen_languages(en_only_run, tmp_path, capsys):
 def test_eval_cli_babel_imagenet_zeroshot(en_only_run, tmp_path):
     pytest.importorskip("clip_benchmark")
     from clip.eval import main
-    from clip.multilingual import babel_imagenet
+    from clip.eval.layouts import babel_imagenet
 
     tables = babel_imagenet(["ko", "de"])
     shared = [x for x in tables["ko"][0] if x in set(tables["de"][0])][:6]

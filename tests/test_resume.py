@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from launch.config import TrainConfig
-from launch.optim import lr_factor
+from launch.runtime.config import TrainConfig
+from launch.runtime.optim import lr_factor
 
 MAE = os.path.join(os.path.dirname(__file__), "..", "launch", "mae.py")
 CFG = os.path.join(os.path.dirname(__file__), "..", "configs", "mae_tiny.yaml")

@@ -27,7 +27,7 @@ import pytest
 import torch
 import yaml
 
-from launch.dist import free_port
+from launch.runtime.dist import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -93,8 +93,9 @@ def test_mae_loss_falls_below_predict_the_mean(stages):
 
 
 def test_mae_checkpoint_loads_into_clip(stages):
-    from clip.model import CLIP, CLIPConfig, load_mae_encoder
-    from clip.text import TextConfig
+    from clip.interop.init import read_init
+    from clip.model import CLIP, CLIPConfig
+    from clip.model.text import TextConfig
     from mae.vit import ViTConfig
 
     ckpt = torch.load(stages["mae"] / "mae_ckpt.pt", map_location="cpu", weights_only=True)
@@ -104,7 +105,7 @@ def test_mae_checkpoint_loads_into_clip(stages):
     assert ckpt["config"] == cfg["model"]["encoder"]
     model = CLIP(CLIPConfig(vision=vision, text=TextConfig(vocab_size=50, context_length=8, embed_dim=32, depth=1,
                                                            num_heads=2), embed_dim=16))
-    load_mae_encoder(model, stages["mae"] / "mae_ckpt.pt")
+    read_init(stages["mae"] / "mae_ckpt.pt", model.cfg).load_into(model)  # what --init does
     for k, v in model.visual.state_dict().items():
         assert torch.equal(v, ckpt["model"][k]), k
 
@@ -134,8 +135,8 @@ def test_mae_pictures(stages):
 
 
 def _val_size(repo: Path) -> int:
-    from clip.data import split_rows
-    from mae.data import iter_manifest
+    from clip.data.pairs import split_rows
+    from mae.images.sources import iter_manifest
 
     return len(split_rows(list(iter_manifest(str(repo / "data" / "emoji" / "captions.jsonl"))), 0.15, "base", 0)[1])
 
@@ -183,8 +184,9 @@ def test_clip_outputs(stages):
 
 
 def test_image_tower_frozen_for_the_window_then_trained(stages):
-    from clip.model import CLIP, CLIPConfig
-    from launch.dist import set_seed
+    from clip.model import CLIP
+    from clip.model.checkpoint import config_from_dict
+    from launch.runtime.dist import set_seed
 
     mae = torch.load(stages["mae"] / "mae_ckpt.pt", map_location="cpu", weights_only=True)["model"]
     files = list((stages["clip"] / "checkpoints" / f"step_{FREEZE:07d}").glob("*model_states.pt"))
@@ -202,7 +204,7 @@ def test_image_tower_frozen_for_the_window_then_trained(stages):
     # rebuilt as launch/clip.py builds them (same seed, same config)
     cfg = yaml.safe_load((stages["clip"] / "config.yaml").read_text())
     set_seed(cfg["train"]["seed"])
-    init = CLIP(CLIPConfig.from_dict(cfg["model"])).state_dict()
+    init = CLIP(config_from_dict(cfg["model"])).state_dict()
     emb0, emb1 = init["text.token_embedding.weight"], at_window["text.token_embedding.weight"]
     unused = (emb0 == emb1).all(dim=1)  # tokens of no caption get no gradient: the rebuild is faithful
     assert 0 < int(unused.sum()) < len(unused), "rebuilt initial weights do not match the run's"

@@ -38,7 +38,8 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_translate_cli_writes_training_captions(marian, manifest, tmp_path, capsys):
-    from clip.data import build_pair_dataset
+    from clip.data.pairs import PairDataset
+    from mae.images.decode import Decoded
     from clip.translate import main
 
     out = tmp_path / "out" / "translated.jsonl"
@@ -57,13 +58,13 @@ def test_translate_cli_writes_training_captions(marian, manifest, tmp_path, caps
             assert len(r["captions"][t]) == len(en) and all(isinstance(c, str) for c in r["captions"][t])
         assert r["ko"] == s["ko"] and r["file"] == "../in/" + s["file"]  # rebased on the output's folder
     # training reads the translations: one slot per language, images found from the new folder
-    samples = list(build_pair_dataset(str(out), lambda im: im.size, languages=["en", *TARGETS], shuffle=False))
+    samples = list(PairDataset(str(out), Decoded(lambda im: im.size), languages=["en", *TARGETS], shuffle=False))
     assert len(samples) == 9 and all(set(s["captions"]) == {"en", *TARGETS} for s in samples
                                      if all(s["captions"].get(t) for t in TARGETS))
 
 
 def test_marian_target_tokens_and_family_rules(marian):
-    from clip.translate import Translator, build_translators
+    from clip.data.translate import Translator, build_translators
 
     tr = Translator(str(marian), "en", max_new_tokens=4)
     assert tr.family == "marian"
@@ -77,7 +78,7 @@ def test_marian_target_tokens_and_family_rules(marian):
 
 
 def test_translation_resumes_after_a_kill(marian, manifest, tmp_path, monkeypatch):
-    from clip import translate
+    from clip.data import translate
 
     out = tmp_path / "t.jsonl"
     translators = translate.build_translators([str(marian)], "en", TARGETS, max_new_tokens=4)

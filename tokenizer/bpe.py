@@ -29,7 +29,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 PAD_TOKEN, SOT_TOKEN, EOT_TOKEN = "<|pad|>", "<|startoftext|>", "<|endoftext|>"
-# Ids 0, 1, 2 in this order (the trainer adds special tokens first); clip.text.TextConfig's
+# Ids 0, 1, 2 in this order (the trainer adds special tokens first); clip.model.text.TextConfig's
 # defaults (pad_id=0, eot_id=2) rely on it.
 SPECIAL_TOKENS = (PAD_TOKEN, SOT_TOKEN, EOT_TOKEN)
 CONTEXT_LENGTH = 77

@@ -1,0 +1,3 @@
+import sys
+from clip.eval.cli import main
+sys.exit(main())

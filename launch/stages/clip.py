@@ -1,0 +1,205 @@
+"""Stage 2: bilingual CLIP from the MAE encoder under DeepSpeed  ->  ``<out_dir>/clip_ckpt.pt``.
+
+Run through the script ``launch/clip.py`` (``deepspeed launch/clip.py --init mae_ckpt.pt ...``).
+KELIP: MAE-initialised ViT-B/32, multi-crop (224 + 96 px), 98K bilingual BPE, pre-LN GPT-2 text
+tower (12 x 512 x 8). Parallel Multilingual CLIP: each image carries captions in several languages,
+the image is encoded once per crop and every translation is a positive (``data.caption_mode: all``),
+and pretrained towers are frozen for the first half epoch (``freeze.image_epochs: 0.5``).
+AdamW (0.9, 0.98, eps 1e-6), wd 0.2 (not on biases, norms, embeddings, temperature).
+Read top to bottom, :func:`main` is config -> process group -> model -> data -> engine -> loop;
+the configuration and what is decided before any process work are :mod:`launch.stages.clip_config`.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from clip.data.multicrop import build_multicrop
+from clip.data.pairs import CaptionCollate, PairDataset
+from clip.eval.tasks import evaluate_heldout
+from clip.model.checkpoint import save_clip
+from clip.model.clip import CLIP
+from clip.model.loss import ClipLoss, chance_level
+from clip.model.tokens import HFTokenizer
+from launch.runtime.cli import parse_run_args, start_run
+from launch.runtime.config import PROJECT_ROOT, ConfigError, dump_config
+from launch.runtime.dist import barrier, set_seed
+from launch.runtime.engine import Engine
+from launch.runtime.gradcache import CachedContrastiveStep
+from launch.runtime.guard import Guard
+from launch.runtime.loop import Step, Trainer
+from launch.runtime.monitor import Monitor
+from launch.runtime.optim import FreezeSchedule, LRSchedule, freeze_steps, global_batch, param_groups
+from launch.runtime.run_dir import fingerprint, prepare_run_dir, summary_line
+from launch.runtime.stream import BatchStream
+from launch.stages.clip_config import KINDS, CLIPRunConfig, ClipRun, resolve
+from mae.images.decode import Decoded
+from mae.images.transforms import eval_transform
+from mae.images.views import Views
+
+
+class ClipStep(Step):
+    """One optimizer step of stage 2: the views finished on the device, both towers, the
+    contrastive loss over the global batch; with cached accumulation all micro-batches of the step
+    in one loss (:class:`launch.runtime.gradcache.CachedContrastiveStep`). After each step the
+    temperature parameter is clamped to [0, log max_logit_scale]."""
+
+    def __init__(self, engine: Engine, views: Views, loss_fn: ClipLoss, cached: bool, max_logit_scale: float):
+        super().__init__(engine)
+        self.views, self.loss_fn, self.max_log_scale = views, loss_fn, math.log(max_logit_scale)
+        self.cached = CachedContrastiveStep(engine, loss_fn) if cached else None
+
+    def finish(self, batch: dict) -> dict:
+        return {**batch, "images": self.views.finish(batch["images"])}
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        batch = self.finish(batch)
+        img, txt, scale = self.engine(batch["images"], batch["tokens"], batch["text_mask"])
+        return self.loss_fn(img, txt, batch["text_mask"], scale), self.metrics(scale, [batch])
+
+    def __call__(self, batches: list[dict]) -> tuple[torch.Tensor, dict]:
+        if self.cached is None:
+            return super().__call__(batches)
+        batches = [self.finish(b) for b in batches]
+        loss, scale = self.cached(batches)
+        return loss, self.metrics(scale, batches)
+
+    @staticmethod
+    def metrics(scale: torch.Tensor, batches: list[dict]) -> dict:
+        s = scale.item()
+        return {"temperature": 1.0 / s if s > 0 else math.inf, "logit_scale": s,
+                **{f"count/{k}": sum(b[n] for b in batches) for k, n in (
+                    ("skipped_samples", "n_skipped"), ("broken_shards", "n_broken_shards"),
+                    ("dropped_captions", "n_dropped"))}}
+
+    def after(self) -> None:
+        self.engine.clamp_(self.engine.module.logit_scale, 0.0, self.max_log_scale)
+
+
+def main(argv: list[str]) -> Path:
+    # config: every check before any process work
+    args, cfg = parse_run_args(argv, CLIPRunConfig, __doc__.split("\n")[0], str(PROJECT_ROOT / "configs" / "clip.yaml"),
+                               options=(("--init", f"initialises the image tower (and sets model.vision) from {KINDS}; "
+                                                   "the last initialises both towers (and sets their sizes)"),))
+    try:
+        run = resolve(cfg, args.init)
+    except ConfigError as e:
+        if not args.print_config:
+            raise
+        print(dump_config(cfg), end="")  # what the files would have filled in is missing
+        print(f"note: printed without what the tokenizer and --init decide: {e}", file=sys.stderr)
+        return Path(cfg.run.out_dir)
+    cfg = run.cfg
+    dist = start_run(cfg, args.print_config, args.resume)
+    if dist is None:
+        return Path(cfg.run.out_dir)
+
+    # model: the same initial weights on every rank, then different patch-dropout streams per rank
+    set_seed(cfg.train.seed)
+    model = CLIP(cfg.model)
+    if run.init is not None:
+        run.init.load_into(model)
+    model.set_grad_checkpointing(cfg.train.grad_checkpointing)
+    set_seed(cfg.train.seed + dist.rank)
+
+    # data
+    views = build_multicrop(cfg.augment)
+    dataset = PairDataset(run.train_source, views, languages=cfg.data.languages, rank=dist.rank,
+                          world_size=dist.world_size, seed=cfg.train.seed, **cfg.data.stream_options())
+    collate = CaptionCollate(run.tokenizer, views, cfg.data.languages, mode=cfg.data.caption_mode,
+                             seed=cfg.train.seed + dist.rank)
+
+    def loader(epoch: int):
+        collate.set_epoch(epoch)
+        return torch.utils.data.DataLoader(dataset, batch_size=cfg.train.micro_batch_size, collate_fn=collate,
+                                           num_workers=cfg.train.num_workers, generator=torch.Generator())
+
+    stream = BatchStream(dataset, loader, cfg.train.micro_batch_size, cfg.train.num_workers)
+
+    # engine: the towers' freeze windows, the optimizer groups they imply, the lr of each
+    n_train = dataset.num_samples()
+    per_epoch = n_train / global_batch(cfg.train, dist.world_size) if n_train else None
+    f = cfg.freeze
+    freeze = FreezeSchedule(model, {
+        "visual.": freeze_steps(f.image_steps, f.image_epochs, per_epoch, "freeze.image"),
+        "text.": freeze_steps(f.text_steps, f.text_epochs, per_epoch, "freeze.text"),
+    })
+    groups, windows = param_groups(model, cfg.train.weight_decay, freeze)
+    schedule = LRSchedule(cfg.train, dist.world_size, windows)
+    engine = Engine(model, cfg.train, dist, groups, schedule.lrs)
+    out = prepare_run_dir(cfg.run, cfg, dist, {"ds_config.json": engine.config})
+    monitor = Monitor(out, dist, resume=args.resume, wandb=cfg.run.wandb)
+    monitor.start(cfg, model)
+    if dist.is_main and not (out / "tokenizer").exists():
+        if isinstance(run.tokenizer, HFTokenizer):
+            run.tokenizer.save(out / "tokenizer")  # the tokenizer files only, not the encoder's weights
+        else:
+            shutil.copytree(run.tokenizer_dir, out / "tokenizer")
+
+    # loop
+    loss_fn = ClipLoss(dist.rank, dist.world_size, gather_with_grad=cfg.gather_with_grad,
+                       max_block=cfg.loss_chunk_mib * 2 ** 20 // 4)
+    step = ClipStep(engine, views, loss_fn, cfg.cached_accumulation, cfg.model.max_logit_scale)
+    chance = chance_level(cfg.contrastive_batch(dist.world_size), cfg.caption_slots)
+    guard = Guard(cfg.guard, chance, settle_step=max(cfg.train.warmup_steps, freeze.settle_step()))
+    identity = {"model config": (fingerprint(cfg.model), f"resume with its config: --config {out / 'config.yaml'}"),
+                "tokenizer": (run.tokenizer.fingerprint, f"resume with the run's own: data.tokenizer={out / 'tokenizer'}")}
+    trainer = Trainer(cfg, dist, engine, stream, step, monitor, schedule, freeze, guard, identity)
+    if args.resume:
+        trainer.resume()
+    validator = Validator(run, dist, engine.module, monitor, chance) if run.val_source is not None else None
+    trainer.fit([(cfg.val_every, validator)] if validator is not None else [])
+    trainer.save()
+    if dist.is_main:
+        save_clip(engine.module, out / "clip_ckpt.pt", tokenizer=run.tokenizer.fingerprint, languages=cfg.data.languages)
+        if validator is None:
+            monitor.plot("loss.png", ["train/loss"], "CLIP training loss", "symmetric InfoNCE", chance=chance,
+                         labels={"train/loss": "train"})
+        last = {k: v for r in monitor.history() for k, v in r.items() if k.startswith("val/")}
+        monitor.close()
+        print(f"CLIP done: {cfg.train.steps} steps (image tower frozen for {freeze.windows.get('visual.', 0)}, "
+              f"text for {freeze.windows.get('text.', 0)})")
+        if last:
+            print("held-out: " + ", ".join(f"{k[4:]}={v:.4f}" for k, v in sorted(last.items())))
+        print(summary_line(trainer.skip_totals()))
+        print(f"outputs: {out}/  (clip_ckpt.pt, tokenizer/, loss.png, metrics.jsonl, tb/, checkpoints/)")
+    barrier(dist)
+    return out
+
+
+class Validator:
+    """The held-out hook: loss and recall@k per language on rank 0 (the images decoded once, kept
+    as tensors), then the loss and recall charts."""
+
+    def __init__(self, run: ClipRun, dist, model: CLIP, monitor: Monitor, chance: float):
+        cfg = run.cfg
+        self.run, self.dist, self.model, self.monitor, self.chance = run, dist, model, monitor, chance
+        self.langs = cfg.data.languages
+        self.batch = cfg.contrastive_batch(dist.world_size)
+        self.view = Decoded(eval_transform(cfg.model.vision.img_size, cfg.model.image_mean, cfg.model.image_std))
+        self.rows = list(PairDataset(run.val_source, self.view, languages=self.langs, shuffle=False)) \
+            if dist.is_main else []
+
+    def __call__(self, step: int):
+        if not self.dist.is_main:
+            return None
+        res = evaluate_heldout(self.model, self.run.tokenizer, self.rows, self.langs, self.dist.device,
+                               loss_batch_size=self.batch)
+        logs = {f"val/{k}": v for k, v in res.items()}
+        self.monitor.log(step, logs)
+        self.plot()
+        return None
+
+    def plot(self) -> None:
+        m = self.monitor
+        m.plot("loss.png", ["train/loss", "val/loss"], "CLIP loss", "symmetric InfoNCE", chance=self.chance,
+               labels={"train/loss": "train", "val/loss": "held-out"})
+        for direction, name in (("text_to_image", "text→image"), ("image_to_text", "image→text")):
+            keys = [f"val/{lang}/{direction}_R@{k}" for lang in self.langs for k in (1, 5)]
+            m.plot(f"val_recall_{direction}.png", keys, f"held-out {name} recall@k per language (%)", "recall (%)",
+                   chance=100.0 / len(self.rows), chance_label="chance R@1", scale=100.0,
+                   labels={k: f"{k.split('/')[1]} R@{k.rsplit('@', 1)[1]}" for k in keys})
