@@ -5,9 +5,11 @@ With ``train.grad_accum = k``, one optimizer step is:
 
 1. each of the k micro-batches through both towers without a graph, keeping only the features
    (and the random state each forward started from); the last micro-batch is run WITH its graph;
-2. the InfoNCE over all k micro-batches of all ranks (``ClipLoss`` gathers across ranks with
-   gradient) and its gradient with respect to those features and the temperature;
-3. ``engine.backward`` of ``<features, cached feature gradient>`` (plus the temperature term once)
+2. the contrastive loss over all k micro-batches of all ranks (``ClipLoss`` gathers across ranks
+   with gradient, ``SigLipLoss`` passes the captions round) and its gradient with respect to those
+   features, the temperature and, when the model has a ``logit_bias`` (SigLIP), the bias;
+3. ``engine.backward`` of ``<features, cached feature gradient>`` (plus the temperature and bias
+   terms once)
    through the last micro-batch's kept graph, then each other micro-batch through the towers again,
    with a graph and the same random draws (patch dropout), and its own backward. This puts exactly
    the full-batch loss's gradient in the parameters.
@@ -27,6 +29,7 @@ import contextlib
 import torch
 
 from clip.model.loss import ClipLoss
+from clip.model.siglip import SigLipLoss
 from launch.runtime.dist import rng_state, set_rng_state
 
 
@@ -37,10 +40,11 @@ class CachedContrastiveStep:
         engine: the engine (:class:`launch.runtime.engine.Engine`, or anything with the same
             ``__call__``, ``backward(loss, scale_wrt_gas=...)``, ``step()`` and ``module``) around a
             ``clip.model.CLIP``; its forward applies the run's precision.
-        loss_fn: the contrastive loss, given this rank's place.
+        loss_fn: the contrastive loss, given this rank's place: ``ClipLoss``, or ``SigLipLoss`` for a
+            model with a ``logit_bias`` (passed to it as the fifth argument).
     """
 
-    def __init__(self, engine, loss_fn: ClipLoss):
+    def __init__(self, engine, loss_fn: ClipLoss | SigLipLoss):
         self.engine, self.loss_fn = engine, loss_fn
 
     def __call__(self, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,8 +65,10 @@ class CachedContrastiveStep:
         txt = torch.cat(texts, dim=0).requires_grad_()  # (kB, C, E)
         mask = torch.cat([b["text_mask"] for b in batches])  # (kB, C)
         scale = engine.module.scale().detach().requires_grad_()
-        loss = self.loss_fn(img, txt, mask, scale)
-        g_img, g_txt, g_scale = torch.autograd.grad(loss, [img, txt, scale])
+        bias = getattr(engine.module, "logit_bias", None)  # SigLIP's learnable bias, (1,)
+        extra = [] if bias is None else [bias.detach().requires_grad_()]
+        loss = self.loss_fn(img, txt, mask, scale, *extra)
+        g_img, g_txt, g_scale, *g_extra = torch.autograd.grad(loss, [img, txt, scale, *extra])
         sizes = [t.shape[0] for t in texts]
         g_imgs, g_txts = g_img.split(sizes, dim=1), g_txt.split(sizes, dim=0)
         # the kept graph first (it is freed by its backward), then every other micro-batch again
@@ -76,6 +82,8 @@ class CachedContrastiveStep:
             surrogate = (img_i.float() * g_imgs[i]).sum() + (txt_i.float() * g_txts[i]).sum()
             if i == len(batches) - 1:
                 surrogate = surrogate + (scale_i.float() * g_scale).sum()
+                if g_extra:
+                    surrogate = surrogate + (bias.float() * g_extra[0]).sum()
             engine.backward(surrogate, scale_wrt_gas=False)
             engine.step()
         del kept, img_i, txt_i, scale_i
