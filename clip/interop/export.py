@@ -105,6 +105,8 @@ def open_clip_model(model, tokenizer_dir: str = "", vision: str = "auto") -> tup
         out = to_openai_layout(state)
     model_cfg = {"embed_dim": cfg.embed_dim, "quick_gelu": v.act_layer == "quick_gelu",
                  "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    if cfg.loss == "siglip":  # open_clip builds the logit_bias parameter from this; its value is in the weights
+        model_cfg["init_logit_bias"] = cfg.init_logit_bias
     return model_cfg, out
 
 

@@ -17,7 +17,6 @@ Legend: D width, E joint embedding width, L patches, T context length.
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import replace
 
@@ -35,7 +34,8 @@ NAMES = (("visual.patch_embed.proj.weight", "visual.conv1.weight"), ("visual.cls
          ("visual.pos_embed", "visual.positional_embedding"), ("visual.norm_pre.", "visual.ln_pre."),
          ("visual.norm.", "visual.ln_post."), ("visual_proj.weight", "visual.proj"),
          ("text.token_embedding.weight", "token_embedding.weight"), ("text.pos_embed", "positional_embedding"),
-         ("text.norm.", "ln_final."), ("text_proj.weight", "text_projection"), ("logit_scale", "logit_scale"))
+         ("text.norm.", "ln_final."), ("text_proj.weight", "text_projection"), ("logit_scale", "logit_scale"),
+         ("logit_bias", "logit_bias"))
 TOWERS = (("visual.blocks.", "visual.transformer.resblocks."), ("text.blocks.", "transformer.resblocks."))
 SIGNATURE = ("visual.class_embedding", "visual.conv1.weight", "token_embedding.weight", "text_projection")
 DROPPED = ("input_resolution", "context_length", "vocab_size")  # ints stored by OpenAI's TorchScript release
@@ -74,7 +74,7 @@ def to_openai_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             v = v.reshape(-1)  # (1, 1, D) -> (D,)
         elif k in ("visual.pos_embed", "text.pos_embed"):
             v = v[0]  # (1, N, D) -> (N, D)
-        elif k == "logit_scale":
+        elif k in ("logit_scale", "logit_bias"):
             v = v.reshape(())
         if k == "visual.pos_embed" and bias is not None:
             v = torch.cat([v[:1], v[1:] + bias], dim=0)  # (1 + L, D): cls position unchanged
@@ -89,7 +89,7 @@ def from_openai_layout(state: dict[str, torch.Tensor], where: str = "checkpoint"
     for k, v in state.items():
         if k in DROPPED:
             continue
-        name = _rename(k, to_openai=False)
+        name = _rename(k, to_openai=False) if k != "logit_bias" else None  # imports are InfoNCE CLIPs
         if name is None:
             unknown.append(k)
             continue

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Literal, Optional, get_args
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +34,13 @@ class CLIPConfig:
     vision: ViTConfig = field(default_factory=ViTConfig)
     text: TextConfig = field(default_factory=TextConfig)
     embed_dim: int = 512
-    init_logit_scale: float = 1 / 0.07
+    # The training objective (clip.model.loss, clip.model.siglip): "infonce" (CLIP's softmax over the
+    # batch) or "siglip" (a sigmoid per pair, with a learnable logit bias). It decides the
+    # temperature's initial value when init_logit_scale is null: 1/0.07 (CLIP), 10 (SigLIP).
+    loss: Literal["infonce", "siglip"] = "infonce"
+    init_logit_scale: Optional[float] = None
     max_logit_scale: float = 100.0
+    init_logit_bias: float = -10.0  # siglip only: SigLIP's initial bias (about -log batch)
     patch_dropout: float = 0.0
     # Image embedding: "avg" = the final LayerNorm on every token, then the mean of the patch
     # outputs (timm's global_pool="avg" with fc_norm=False: MAE fine-tuning instead takes the mean
@@ -65,9 +70,16 @@ class CLIPConfig:
             raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
         if not 0.0 <= self.patch_dropout < 1.0:
             raise ValueError(f"patch_dropout must be in [0, 1), got {self.patch_dropout}")
-        if not (self.init_logit_scale > 0 and self.max_logit_scale > 0):
+        if not (self.logit_scale_init > 0 and self.max_logit_scale > 0):
             raise ValueError(f"init_logit_scale and max_logit_scale must be > 0, got {self.init_logit_scale} and "
                              f"{self.max_logit_scale}")
+
+    @property
+    def logit_scale_init(self) -> float:
+        """``init_logit_scale``, or the objective's own: 1/0.07 (CLIP), 10 (SigLIP)."""
+        if self.init_logit_scale is not None:
+            return self.init_logit_scale
+        return 10.0 if self.loss == "siglip" else 1 / 0.07
         if not all(s > 0 for s in self.image_std):
             raise ValueError(f"image_std must be > 0, got {list(self.image_std)}")
 
@@ -94,11 +106,37 @@ class CLIP(nn.Module):
         text_width = text_tower.embed_dim if isinstance(text_tower, HFTextTower) else cfg.text.embed_dim
         self.text_proj = nn.Linear(text_width, cfg.embed_dim, bias=False)
         # shape (1,), not (): DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes
-        self.logit_scale = nn.Parameter(torch.full((1,), math.log(cfg.init_logit_scale)))
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(cfg.logit_scale_init)))
+        if cfg.loss == "siglip":
+            self.logit_bias = nn.Parameter(torch.full((1,), float(cfg.init_logit_bias)))
         self.trained_languages: list[str] | None = None  # caption languages of training, as load_clip reads them
         # CLIP's projection init: std = width ** -0.5
         nn.init.normal_(self.visual_proj.weight, std=cfg.vision.embed_dim ** -0.5)
         nn.init.normal_(self.text_proj.weight, std=text_width ** -0.5)
+
+    def layer_index(self, name: str) -> tuple[str, int, int] | None:
+        """``(tower, layer, layers)`` of the parameter ``name`` for layer-wise learning-rate decay,
+        with the MAE / BEiT fine-tuning grouping: in each tower the embeddings (patch, position, cls,
+        token, ``norm_pre``) are layer 0, block ``i`` is layer ``i + 1``, and what follows the
+        blocks (the final norm) is layer ``depth + 1`` = ``layers``. None outside the towers (the
+        projections, the temperature and bias train at the full rate)."""
+        tower, _, rest = name.partition(".")
+        if tower not in ("visual", "text") or not rest:
+            return None
+        if tower == "visual":
+            depth, prefix = self.cfg.vision.depth, "blocks."
+            embedding = rest.startswith(("patch_embed.", "pos_embed", "cls_token", "reg_token", "norm_pre."))
+        elif isinstance(self.text, HFTextTower):
+            depth, prefix = self.text.depth, "model.encoder.layer."
+            embedding = rest.startswith("model.embeddings.")
+        else:
+            depth, prefix = self.cfg.text.depth, "blocks."
+            embedding = rest.startswith(("token_embedding.", "pos_embed"))
+        if embedding:
+            return tower, 0, depth + 1
+        if rest.startswith(prefix):
+            return tower, int(rest[len(prefix):].split(".", 1)[0]) + 1, depth + 1
+        return tower, depth + 1, depth + 1
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing in both towers (each block recomputed in backward)."""

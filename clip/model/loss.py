@@ -68,6 +68,20 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return out, None, None
 
 
+def check_features(image_features: torch.Tensor, text_features: torch.Tensor,
+                   text_mask: torch.Tensor) -> tuple[int, int, int]:
+    """``(V, B, C)`` of a contrastive loss's inputs (image (V, B, E), text (B, C, E), mask (B, C)),
+    or one ValueError naming the shapes that do not fit."""
+    if image_features.ndim != 3 or text_features.ndim != 3:
+        raise ValueError(f"expected image (V, B, E) and text (B, C, E) features, got "
+                         f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
+    V, B, E = image_features.shape
+    if text_features.shape[0] != B or text_features.shape[2] != E or text_mask.shape != text_features.shape[:2]:
+        raise ValueError(f"batch mismatch: image {tuple(image_features.shape)}, text "
+                         f"{tuple(text_features.shape)}, mask {tuple(text_mask.shape)}")
+    return V, B, text_features.shape[1]
+
+
 def chance_level(images: int, slots: int) -> float:
     """The loss of uniform logits over a contrastive batch of ``images`` images with ``slots``
     caption slots each: image -> text ln(images x slots) (its slots among all of them), text ->
@@ -114,14 +128,7 @@ class ClipLoss(nn.Module):
         """image_features (V, B, E), text_features (B, C, E), text_mask (B, C) bool,
         logit_scale = exp'd temperature (scalar tensor). Features are expected L2-normalised; half
         precision inputs are computed in fp32. Every rank must pass the same V, B and C."""
-        if image_features.ndim != 3 or text_features.ndim != 3:
-            raise ValueError(f"expected image (V, B, E) and text (B, C, E) features, got "
-                             f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
-        V, B, E = image_features.shape
-        if text_features.shape[0] != B or text_mask.shape != text_features.shape[:2]:
-            raise ValueError(f"batch mismatch: image {tuple(image_features.shape)}, text "
-                             f"{tuple(text_features.shape)}, mask {tuple(text_mask.shape)}")
-        C = text_features.shape[1]
+        V, B, C = check_features(image_features, text_features, text_mask)
         # at least fp32: the logsumexp over the whole batch is not safe in half precision
         image_features, text_features, logit_scale = (
             t.to(torch.promote_types(t.dtype, torch.float32)) for t in (image_features, text_features, logit_scale))

@@ -48,6 +48,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from clip.model.loss import check_features
+
 Exchange = Literal["shift", "bidir", "gather"]
 
 
@@ -103,13 +105,7 @@ class SigLipLoss(nn.Module):
         L2-normalised; half precision inputs are computed in fp32. Every rank must pass the same
         V, B and C. With grad enabled the forward also does the backward's computation (see the
         module docstring): evaluate under ``torch.no_grad()``."""
-        if image_features.ndim != 3 or text_features.ndim != 3:
-            raise ValueError(f"expected image (V, B, E) and text (B, C, E) features, got "
-                             f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
-        V, B, E = image_features.shape
-        if text_features.shape[0] != B or text_features.shape[2] != E or text_mask.shape != text_features.shape[:2]:
-            raise ValueError(f"batch mismatch: image {tuple(image_features.shape)}, text "
-                             f"{tuple(text_features.shape)}, mask {tuple(text_mask.shape)}")
+        V, _, _ = check_features(image_features, text_features, text_mask)
         if logit_scale.numel() != 1 or logit_bias.numel() != 1:
             raise ValueError(f"logit_scale and logit_bias must have one element, got shapes "
                              f"{tuple(logit_scale.shape)} and {tuple(logit_bias.shape)}")

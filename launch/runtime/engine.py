@@ -12,10 +12,14 @@ is named in :data:`PRIVATE`, and a test fails if a DeepSpeed release changes it
   ``fp16_loss_scale_window``) replaces it where DeepSpeed keeps it;
 * gradient clipping under fp16 with ZeRO 1/2: the ZeRO optimizer clips the gradients while they
   still carry the GradScaler's scale, so its threshold is set to ``grad_clip x scale`` before
-  each step (DeepSpeed 0.19 clips ~scale times too hard otherwise);
+  each step (otherwise it clips about ``scale`` times too hard);
+* Adam moments from the end of a freeze window: the ZeRO 1/2 optimizer updates the moments of
+  every group at every step (its flat partitions get zero gradients while frozen); the torch
+  optimizer under it (``engine.optimizer.optimizer``, one flat partition per group, in our order)
+  has the state of a group leaving its window dropped, so its moments start there;
 * leaving the process group: DeepSpeed keeps its own reference to the world group, which keeps
   the C++ group (and gloo's threads) alive into interpreter shutdown, where they can abort a rank
-  that finished correctly; and its CPU all-reduce keeps a ~66 MiB buffer per rank in
+  that finished correctly; and its CPU all-reduce keeps a shared-memory buffer per rank in
   ``/dev/shm`` that it never removes.
 
 Half precision is DeepSpeed's ``torch_autocast`` over fp32 weights (as open_clip's ``amp``):
@@ -30,7 +34,7 @@ import gc
 import math
 import os
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -46,6 +50,7 @@ PRIVATE = {
     "engine.optimizer.torch_autocast_gradscaler": "the fp16 GradScaler under ZeRO 1/2",
     "engine.optimizer.clip_grad": "the ZeRO optimizer's clipping threshold",
     "deepspeed.utils.groups._WORLD_GROUP": "DeepSpeed's reference to the world group",
+    "engine.optimizer.optimizer": "the torch optimizer under the ZeRO 1/2 wrapper, one flat partition per group",
     "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}": "its CPU all-reduce buffer",
 }
 
@@ -150,17 +155,19 @@ class Engine:
         train: precision, ZeRO stage, batch shape, clipping, AdamW settings.
         dist: this process's place.
         groups: AdamW parameter groups (``{"params", "weight_decay"}``, :func:`launch.runtime.optim.param_groups`).
-        lrs: optimizer step -> the learning rate of each group (:meth:`launch.runtime.optim.LRSchedule.lrs`).
+        schedule: each group's learning rate at every optimizer step, and which groups leave their
+            freeze window when (:class:`launch.runtime.optim.LRSchedule`): their Adam moments start
+            there (DeepSpeed's ZeRO optimizer would otherwise carry moments through the window).
 
     ``engine(...)`` runs the model's forward (under the precision's autocast), :meth:`backward` and
     :meth:`step` are DeepSpeed's, per micro-batch; the optimizer acts at the accumulation boundary.
     """
 
-    def __init__(self, model: nn.Module, train: TrainConfig, dist: Dist, groups: list[dict],
-                 lrs: Callable[[int], list[float]]):
+    def __init__(self, model: nn.Module, train: TrainConfig, dist: Dist, groups: list[dict], schedule):
         import deepspeed
 
-        self.train, self.dist, self.lrs = train, dist, lrs
+        self.train, self.dist = train, dist
+        self.schedule = getattr(schedule, "__self__", schedule)  # the schedule, or its bound lrs method
         if train.compile:  # dynamic: crop sizes, caption lengths and the masked token count vary
             model.compile(backend=train.compile_backend, dynamic=True)  # in place: state dict keys unchanged
         self.config = deepspeed_config(train, dist.world_size)
@@ -191,8 +198,10 @@ class Engine:
         boundary = self.ds.is_gradient_accumulation_boundary()
         scale = self.loss_scale
         if boundary:
-            for group, lr in zip(self.ds.optimizer.param_groups, self.lrs(self.optimizer_steps)):
+            for group, lr in zip(self.ds.optimizer.param_groups, self.schedule.lrs(self.optimizer_steps)):
                 group["lr"] = lr
+            for i in self.schedule.unfreezing(self.optimizer_steps):
+                self._reset_moments(i)
             if scale is not None and self.train.zero_stage > 0 and self.train.grad_clip > 0:
                 self.ds.optimizer.clip_grad = self.train.grad_clip * scale
             self.grad_norm = self._own_grad_norm(scale or 1.0) if self.want_grad_norm else None
@@ -210,6 +219,13 @@ class Engine:
         """Without ZeRO DeepSpeed keeps no gradient norm: taken here before the step clips (the
         gradients averaged over ranks, under fp16 still carrying the loss scale)."""
         return None if self.train.zero_stage > 0 else grad_norm(self.module, scale)
+
+    def _reset_moments(self, group: int) -> None:
+        """Forget the optimizer state of one parameter group (its first step after a freeze window).
+        Under ZeRO 1/2 the torch optimizer sits under DeepSpeed's wrapper, one flat partition per group."""
+        inner = getattr(self.ds.optimizer, "optimizer", self.ds.optimizer)
+        for p in inner.param_groups[group]["params"]:
+            inner.state.pop(p, None)
 
     # ---- fp16 loss scaling ------------------------------------------------------------------
 

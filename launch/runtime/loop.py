@@ -19,8 +19,10 @@ import torch
 
 from launch.runtime import checkpoints
 from launch.runtime.config import ConfigError
+from mae.common.files import WriteError
 from launch.runtime.dist import (Dist, all_ranks_true, all_reduce, barrier, fault_point, preserved_rng, rng_state,
                                  set_rng_state)
+from launch.runtime.ema import EMA
 from launch.runtime.engine import Engine, shutdown_distributed
 from launch.runtime.guard import Diverged, Guard
 from launch.runtime.monitor import Monitor
@@ -106,6 +108,7 @@ class Trainer:
         self.engine, self.stream, self.step_fn, self.monitor = engine, stream, step, monitor
         self.schedule, self.freeze, self.guard = schedule, freeze, guard
         self.identity = identity or {}
+        self.ema = EMA(engine.module, self.train.ema) if self.train.ema.decay > 0 and dist.is_main else None
         self.out_dir = monitor.out_dir
         self.step = 0
         self.acc: dict[str, float] = {}
@@ -126,14 +129,15 @@ class Trainer:
                 "stream": self.stream.state_dict(), "rng": rng_state(), "engine": self.engine.state_dict(),
                 "loop": {"acc": dict(self.acc), "counts": dict(self.counts), "totals": dict(self.totals),
                          "n_acc": self.n_acc},
-                "guard": self.guard.state_dict() if self.guard else None}
+                "guard": self.guard.state_dict() if self.guard else None,
+                "ema": self.ema.state_dict() if self.ema is not None else None}
 
     def save(self) -> None:
         checkpoints.save(self.engine, self.out_dir, self.step, self.run.keep_last, self.dist, self.state_dict())
 
     def resume(self) -> int:
         """Continue from the newest usable checkpoint of the run folder; returns its step."""
-        step, state = checkpoints.load(self.engine, self.out_dir, self.dist, self.identity)
+        step, state = checkpoints.load(self.engine, self.out_dir, self.dist)
         self.step = step
         self.stream.load_state_dict(state["stream"])
         loop = state["loop"]
@@ -141,6 +145,8 @@ class Trainer:
         self.engine.load_state_dict(state.get("engine") or _legacy_engine_state(step, state))
         if self.guard and state["guard"]:
             self.guard.load_state_dict(state["guard"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"])
         self.monitor.truncate(step)
         return step
@@ -185,6 +191,8 @@ class Trainer:
             tel.after_step(self.engine, logged)
             self.step_fn.after()
             self.step += 1
+            if self.ema is not None:
+                self.ema.update(self.step)
             fault_point("step", self.step)
             bar.update(1)
             if logged:
@@ -263,8 +271,8 @@ def run_main(main: Callable[[list[str]], Any], argv: Optional[list[str]] = None)
         main(sys.argv[1:] if argv is None else argv)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()  # no rank leaves while another still works or communicates
-    except (ConfigError, FileNotFoundError) as e:
-        if os.environ.get("RANK", "0") == "0":
+    except (ConfigError, FileNotFoundError, WriteError) as e:
+        if os.environ.get("RANK", "0") == "0" or isinstance(e, WriteError):
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Diverged as e:
