@@ -5,7 +5,7 @@ from typing import Optional
 import pytest
 import yaml
 
-from launch.runtime.config import ConfigError, RunConfig, TrainConfig, load_config, resolve_path, save_config, to_dict
+from launch.runtime.config import ConfigError, RunConfig, TrainConfig, dump_config, load_config, resolve_path, to_dict
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_saved_config_round_trips(tmp_path):
     cfg = load_config(Schema, None, ["inner.depth=3", "train.precision=bf16"])
-    save_config(cfg, tmp_path / "config.yaml")
+    (tmp_path / "config.yaml").write_text(dump_config(cfg))  # what the run folder's config.yaml holds
     data = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert data == to_dict(cfg) and data["inner"]["scale"] == [0.2, 1.0]
     assert load_config(Schema, str(tmp_path / "config.yaml")) == cfg
@@ -142,3 +142,20 @@ def test_stage_help_lists_every_key_and_print_config_resolves(tmp_path):
     lines = r.stderr.strip().splitlines()  # (a library may warn on import before it)
     assert r.returncode == 2 and "Traceback" not in r.stderr and [x for x in lines if "error" in x] == lines[-1:] == [
         "error: 'train.precision' must be one of fp32, bf16, fp16, got 'fp17' (command line)"]
+
+
+def test_clip_print_config_works_before_a_tokenizer_exists(tmp_path):
+    """A fresh clone has no tokenizer yet: --print-config still prints the config (what the
+    tokenizer and --init would fill in left as configured) and says what is missing."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "launch" / "clip.py"
+    r = subprocess.run([sys.executable, str(script), "--print-config", f"data.tokenizer={tmp_path / 'none'}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    printed = yaml.safe_load(r.stdout)
+    assert printed["data"]["tokenizer"] == str(tmp_path / "none") and printed["model"]["text"]["vocab_size"] == 98304
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        f"note: printed without what the tokenizer and --init decide: data.tokenizer={tmp_path / 'none'}: ")

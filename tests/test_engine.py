@@ -37,7 +37,7 @@ def _engine(tmp_path, **train):
     cfg = TrainConfig(steps=4, micro_batch_size=2, lr=0.1, warmup_steps=1, num_workers=0, **train)
     dist = door.init_distributed()
     groups, windows = param_groups(model, 0.0)
-    return door.Engine(model, cfg, dist, groups, LRSchedule(cfg, 1, windows).lrs)
+    return door.Engine(model, cfg, dist, groups, LRSchedule(cfg, 1, windows))
 
 
 def _in_subprocess(code: str, tmp_path) -> dict:
@@ -104,3 +104,35 @@ def test_cpu_allreduce_buffer_is_where_the_door_unlinks_it(tmp_path, free_port):
     seen = json.loads((tmp_path / "run" / "shm.json").read_text())
     assert seen == {"0": True}  # rank 0 saw its own buffer at the path
     assert not [k for k in (0, 1) if os.path.exists(door.shm_buffer_path(k, "127.0.0.1", str(free_port)))]
+
+
+def test_a_group_leaving_its_freeze_window_starts_its_adam_moments_there(tmp_path):
+    """Under ZeRO the optimizer steps every group every step (frozen ones with zero gradients); the
+    engine drops a group's state at the end of its window, reaching the torch optimizer under
+    DeepSpeed's wrapper (``engine.optimizer.optimizer``, one flat partition per group, our order)."""
+    out = _in_subprocess(PRELUDE + """
+from launch.runtime import engine as door
+from launch.runtime.config import TrainConfig
+from launch.runtime.optim import FreezeSchedule, LRSchedule, param_groups
+res = {}
+for zero in (0, 1):
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(4, 4), "b": torch.nn.Linear(4, 1)})
+    cfg = TrainConfig(steps=4, micro_batch_size=2, lr=0.1, warmup_steps=1, num_workers=0, zero_stage=zero,
+                      weight_decay=0.0)
+    freeze = FreezeSchedule(model, {"a.": 2})
+    groups, specs = param_groups(model, 0.0, freeze)
+    e = door.Engine(model, cfg, door.init_distributed() if zero == 0 else e.dist, groups, LRSchedule(cfg, 1, specs))
+    for step in range(3):
+        freeze.apply(step)
+        loss = model["b"](model["a"](torch.ones(2, 4))).sum()
+        e.backward(loss)
+        e.step()
+    inner = getattr(e.ds.optimizer, "optimizer", e.ds.optimizer)
+    steps = [[int(inner.state[p]["step"]) if p in inner.state else 0 for p in g["params"]] for g in inner.param_groups]
+    res[zero] = {"steps": steps, "groups": len(inner.param_groups), "wrapped": inner is not e.ds.optimizer}
+print(json.dumps(res))
+""", tmp_path)
+    # groups: b's weight and bias (no window) took all three steps; a's (window 2) start at step 2: one step
+    assert out["1"]["wrapped"] and out["1"]["groups"] == 4 and out["1"]["steps"] == [[3], [3], [1], [1]]
+    assert not out["0"]["wrapped"] and out["0"]["steps"] == [[3], [3], [1], [1]]

@@ -289,7 +289,6 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, capsys, tiny_tokenizer_dir
         (mae_main, mae + [f"data.source={missing}"], "none of the first 5 images exists"),
         (mae_main, ["--config", str(tiny), f"run.out_dir={shadow / 'x'}"], f"run.out_dir={shadow / 'x'}: cannot write"),
         (mae_main, ["--config", str(tiny), "run.out_dir=/proc/x"], "run.out_dir=/proc/x: cannot write there"),
-        (mae_main, mae + ["--resume"], "--resume: no checkpoint in"),
         (clip_main, clip + ["--init", str(ROOT / "README.md")], "--init: "),
         (clip_main, clip + ["--init", str(evil)], "refusing to load it"),
         (clip_main, clip + ["--init", str(tmp_path / "mismatched.pt")], "missing key cls_token"),
@@ -298,6 +297,20 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, capsys, tiny_tokenizer_dir
         (clip_main, clip + ["loss_chunk_mib=-1"], "loss_chunk_mib must be >= 0"),
         (clip_main, clip + ["data.resampled=true"], "data.resampled=true draws shards with replacement"),
         (mae_main, mae + ["data.source_weights=[1,2]"], "data.source_weights weigh shard draws"),
+        # impossible combinations and ranges, refused at load (one line, exit 2, before any process work)
+        (clip_main, clip + ["augment.strong=true", "augment.impl=device"], "augment.strong photometric augmentation runs"),
+        (clip_main, clip + ["augment.global_crops=0"], "augment.global_crops >= 1 is needed"),
+        (clip_main, clip + ["freeze.image_steps=-5"], "freeze.image_steps must be >= 0, got -5"),
+        (clip_main, clip + ["augment.local_size=30"], "augment.local_size=30 is not divisible by the image tower's patch"),
+        (clip_main, clip + ["augment.local_scale=[0.5,0.2]"], "augment.local_scale must be an area range"),
+        (clip_main, clip + ["data.val_fraction=1"], "data.val_fraction must be in [0, 1)"),
+        (clip_main, clip + ["data.languages=[en,en]"], "data.languages must be distinct"),
+        (clip_main, clip + ["model.patch_dropout=1"], "model.patch_dropout must be in [0, 1)"),
+        (clip_main, clip + ["model.text.num_heads=5"], "model.text.embed_dim 64 is not divisible by num_heads 5"),
+        (clip_main, clip + ["train.compile=true", "model.patch_dropout=0.5", "train.grad_accum=2"],
+         "train.compile with model.patch_dropout and cached accumulation"),
+        (mae_main, mae + ["model.encoder.img_size=70"], "model.encoder.img_size 70 is not divisible by patch_size 16"),
+        (mae_main, mae + ["data.scale=[0,1]"], "data.scale must be an area range"),
     ]
     for main, argv, expected in cases:
         line = error_line(main, argv, capsys)
@@ -314,3 +327,142 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, capsys, tiny_tokenizer_dir
     assert tok_main(["--corpus", str(ROOT / "data" / "corpus" / "en.txt"), str(noise), "--out", str(tmp_path / "t")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "mostly not UTF-8 text" in err[0] and "noise.txt" in err[0]
+
+
+# ----------------------------------------------------------------------------- the last faults (one run
+# per folder, lost samples, damaged tokenizers, a full disk)
+
+@pytest.mark.slow
+def test_a_second_run_on_a_folder_in_use_is_refused_and_the_first_unharmed(small, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen(mae_args(out, small, 0, steps=30), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / ".lock").is_file() and (out / ".lock").read_text().strip()):
+        time.sleep(0.05)
+    line = one_line_error(run(mae_args(out, small, 0, steps=30), tmp_path))
+    assert f"run.out_dir={out} is in use by another run (pid {first.pid} on " in line
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    assert [r["step"] for r in train_rows(out)] == list(range(1, 31))  # one run's rows, in order
+    # the lock died with its process: the next run is refused only because the folder holds a run
+    assert "already holds a run" in one_line_error(run(mae_args(out, small, 0, steps=30), tmp_path))
+
+
+def test_a_shard_cut_at_a_member_boundary_counts_its_lost_samples(tmp_path, data_dir):
+    """A copy that ends on a 4 KiB boundary between members reads as a whole (shorter) tar: the
+    samples its ``stats.json`` declares and that never came are counted, and the shard as broken."""
+    from clip.data.shards import write_shards
+    from clip.data.pairs import PairDataset
+    from mae.images.decode import Decoded
+
+    stats = write_shards(str(data_dir / "emoji" / "captions.jsonl"), tmp_path / "s", shard_size=100)["all"]
+    shard = tmp_path / "s" / "000000.tar"
+    data = shard.read_bytes()
+    offsets, pos = [], 0  # member header offsets
+    while pos + 512 <= len(data) and data[pos:pos + 512].count(0) != 512:
+        offsets.append(pos)
+        size = int(data[pos + 124:pos + 136].split(b"\0")[0].strip() or b"0", 8)
+        pos += 512 + -(-size // 512) * 512
+    cut = next(o for o in offsets if o % 4096 == 0 and o > len(data) // 3)
+    shard.write_bytes(data[:cut])
+    items = list(PairDataset(str(tmp_path / "s"), Decoded(lambda im: 0), shuffle=False))
+    read = len({it["key"] for it in items})
+    assert stats["samples"] - read == sum(it["n_skipped"] for it in items) > 0
+    assert sum(it["n_broken_shards"] for it in items) == 1
+
+
+def test_a_damaged_tokenizer_is_one_line(tmp_path, tiny_tokenizer_dir, make_tiny_clip_run, capsys):
+    import shutil
+
+    from clip.eval import main as eval_main
+    from hf_tiny import save_tiny_xlmr
+    from launch.stages.clip import main as clip_main
+
+    ours = tmp_path / "ours"
+    shutil.copytree(tiny_tokenizer_dir, ours)
+    text = (ours / "tokenizer.json").read_text(encoding="utf-8")
+    (ours / "tokenizer.json").write_text(text[: len(text) // 2], encoding="utf-8")  # truncated
+    hf = save_tiny_xlmr(tmp_path / "xlmr")
+    (hf / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": ', encoding="utf-8")
+    clip = ["--config", str(ROOT / "configs" / "clip_tiny.yaml"), f"run.out_dir={tmp_path / 'out'}"]
+    for argv, expected in ((clip + [f"data.tokenizer={ours}"], f"data.tokenizer={ours}: {ours}: not a readable tokenizer"),
+                           (clip + ["model.text_tower=hf", f"model.hf_text.path={hf}"],
+                            f"model.hf_text.path={hf}: {hf}: not a readable tokenizer")):
+        line = error_line(clip_main, argv, capsys)
+        assert line.startswith(f"error: {expected}"), line
+    run_dir = make_tiny_clip_run(tmp_path / "run")
+    capsys.readouterr()
+    assert eval_main(["crosslingual", "--checkpoint", str(run_dir), "--tokenizer", str(ours), "--pairs",
+                      str(ROOT / "data" / "parallel" / "en_ko.tsv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"clip.eval: error: {ours}: not a readable tokenizer"), err
+
+
+def test_an_unknown_token_tokenizer_is_refused_with_the_fraction(tmp_path, capsys):
+    """A transformers tokenizer that reads these captions as its unknown token (a SentencePiece model
+    converted the wrong way): refused before training, with the share of captions it fails on."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from hf_tiny import save_tiny_xlmr
+    from launch.stages.clip import main as clip_main
+
+    hf = save_tiny_xlmr(tmp_path / "xlmr")
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>", "zzz"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", cls_token="<s>", sep_token="</s>",
+                            pad_token="<pad>", unk_token="<unk>", mask_token="<mask>").save_pretrained(hf)
+    line = error_line(clip_main, ["--config", str(ROOT / "configs" / "clip_tiny.yaml"), f"run.out_dir={tmp_path / 'o'}",
+                                  "model.text_tower=hf", f"model.hf_text.path={hf}"], capsys)
+    assert "its tokenizer maps 100% of a sample of the captions mostly to its unknown token" in line, line
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_saving_is_one_line_and_keeps_latest(small, mae_full, tmp_path):
+    """ENOSPC inside the checkpoint save of step 6 (after DeepSpeed wrote part of it): one line, exit
+    2, the partial checkpoint removed, ``latest`` still on step 3, and the resume is exact."""
+    out = tmp_path / "run"
+    line = one_line_error(run(mae_args(out, small, 0), tmp_path, "save:6:enospc"))
+    assert line.startswith(f"error: cannot save checkpoint step_0000006 in {out / 'checkpoints'}: no space left on the "
+                           "device; a checkpoint takes about ") and "(checkpoints/latest still names step_0000003)" in line
+    assert (out / "checkpoints" / "latest").read_text() == "step_0000003"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_0000003"]
+    ok(run(mae_args(out, small, 0) + ["--resume"], tmp_path))
+    assert_same_run(mae_full[0], out, "mae_ckpt.pt")
+
+
+@pytest.mark.slow
+def test_kill_then_resume_on_a_curated_source_is_exact(small, tmp_path):
+    """``data.curation``: each epoch keeps a fresh draw of the samples (a pure function of seed,
+    epoch and key), so a run killed and resumed trains on exactly the samples of one never stopped."""
+    from mae.images.keep import FORMAT
+
+    keys = [json.loads(line).get("key") for line in small.read_text(encoding="utf-8").splitlines()]
+    cur = tmp_path / "curation"
+    (cur / "keep").mkdir(parents=True)
+    (cur / "keep" / "records-000000.keep.json").write_text(json.dumps(
+        {"format": FORMAT, "unit": "records-000000", "keys": keys, "p": [0.7] * len(keys)}))
+    args = [f"data.curation={cur}"]
+    ok(run(mae_args(tmp_path / "full", small, 2) + args, tmp_path))
+    out = tmp_path / "run"
+    assert run(mae_args(out, small, 2) + args, tmp_path, "step:5").returncode == -signal.SIGKILL
+    ok(run(mae_args(out, small, 2) + args + ["--resume"], tmp_path))
+    assert_same_run(tmp_path / "full", out, "mae_ckpt.pt")
+    assert train_rows(out)[-1]["train/epoch"] == pytest.approx(10 * 8 / round(0.7 * len(keys)))  # a curated epoch
+
+
+@pytest.mark.slow
+def test_kill_then_resume_keeps_the_weight_average_exact(small, tmp_path):
+    """``train.ema``: the average lives in rank 0's resume state, so after a kill -9 the resumed run's
+    average (``mae_ckpt_ema.pt``) is bit-identical to the uninterrupted run's."""
+    ema = ["train.ema.decay=0.9", "train.ema.start_step=2"]
+    ok(run(mae_args(tmp_path / "full", small, 0) + ema, tmp_path))
+    out = tmp_path / "run"
+    assert run(mae_args(out, small, 0) + ema, tmp_path, "step:7").returncode == -signal.SIGKILL
+    ok(run(mae_args(out, small, 0) + ema + ["--resume"], tmp_path))
+    assert_same_run(tmp_path / "full", out, "mae_ckpt_ema.pt")
+    assert_same_run(tmp_path / "full", out, "mae_ckpt.pt")
+    full, avg = weights(out / "mae_ckpt.pt"), weights(out / "mae_ckpt_ema.pt")
+    assert any(not torch.equal(full[k], avg[k]) for k in full)  # an average, not a copy

@@ -29,7 +29,7 @@ def test_lr_schedule_warmup_then_half_cosine():
     freeze, sched = FreezeSchedule(m, {"visual.": 3}), LRSchedule(t, 1)
     window = freeze.steps_for("visual.weight")
     assert sched.factor(2, window) == 0.0 and sched.factor(3, window) == 1.0 and sched.factor(2, 0) == 0.75
-    assert LRSchedule(t, 1, [window, 0]).lrs(2) == [0.0, 0.75 * sched.peak]
+    assert LRSchedule(t, 1, [(window, 1.0), (0, 0.5)]).lrs(2) == [0.0, 0.5 * 0.75 * sched.peak]
 
 
 def test_peak_lr_scales_with_global_batch():
@@ -72,8 +72,8 @@ def test_param_groups_exclude_norms_biases_and_freeze():
     m = torch.nn.ModuleDict({"visual": torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.LayerNorm(3)),
                              "text": torch.nn.Linear(3, 1)})
     freeze = FreezeSchedule(m, {"visual.": 5})
-    groups, windows = param_groups(m, 0.05, freeze)
-    assert windows == [freeze.steps_of(g["params"][0]) for g in groups]
+    groups, specs = param_groups(m, 0.05, freeze)
+    assert specs == [(freeze.steps_of(g["params"][0]), 1.0) for g in groups]
     by = {(g["weight_decay"], freeze.steps_of(g["params"][0])): sum(p.numel() for p in g["params"]) for g in groups}
     assert by == {(0.05, 0): 3, (0.0, 0): 1, (0.05, 5): 6, (0.0, 5): 3 + 3 + 3}
     assert all(set(g) == {"params", "weight_decay"} for g in groups)  # plain torch groups

@@ -1,3 +1,4 @@
+# Over 300 lines: one tool read in order (sampling the corpus, training, the report, the command line).
 """Train the bilingual English + Korean byte-level BPE, following KELIP.
 
 KELIP (Ko et al. 2022) trained one BPE with a 98K vocabulary (98,304 tokens) on 2M English and

@@ -53,9 +53,11 @@ def plot_accuracy_at_k(series: Mapping[str, Mapping[str, float]], path, title: s
     return _save(fig, path)
 
 
-def plot_rank_boxplot(series: Mapping[str, torch.Tensor], path, title: str):
+def plot_rank_boxplot(series: Mapping[str, torch.Tensor], path, title: str, chance: float | None = None,
+                      chance_label: str = "chance median"):
     """Box plot of the 1-based ranks of each series on a log-scale y axis (1 = best): box = quartiles,
-    line = median, triangle = mean, whiskers = the farthest ranks within 1.5 IQR of the box.
+    line = median, triangle = mean, whiskers = the farthest ranks within 1.5 IQR of the box;
+    ``chance`` (the median rank of a random ranking, (N + 1) / 2) as a dashed line.
     Returns the saved matplotlib Figure."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -67,7 +69,11 @@ def plot_rank_boxplot(series: Mapping[str, torch.Tensor], path, title: str):
     ax.set_yscale("log")
     ax.set(ylabel="rank of the correct item (1 = best)", title=title)
     ax.grid(axis="y", alpha=0.3)
-    _legend_below(ax, [Line2D([], [], color="tab:orange", label="median"),
-                       Line2D([], [], color="tab:green", marker="^", ls="", label="mean"),
-                       Line2D([], [], color="black", label="box: quartiles, whiskers: within 1.5 IQR")])
+    handles = [Line2D([], [], color="tab:orange", label="median"),
+               Line2D([], [], color="tab:green", marker="^", ls="", label="mean"),
+               Line2D([], [], color="black", label="box: quartiles, whiskers: within 1.5 IQR")]
+    if chance is not None:
+        ax.axhline(chance, color="grey", ls="--", lw=1)
+        handles.append(Line2D([], [], color="grey", ls="--", label=f"{chance_label} ({chance:g})"))
+    _legend_below(ax, handles)
     return _save(fig, path)

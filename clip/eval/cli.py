@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--checkpoint", required=True, help="clip_ckpt.pt or a run folder")
     common.add_argument("--tokenizer", help="tokenizer folder (default: tokenizer/ beside the checkpoint)")
-    common.add_argument("--out", required=True, help="folder for metrics_<task>.json and the charts")
+    common.add_argument("--out", help="folder for metrics_<task>.json and the charts (without it: the table only)")
     common.add_argument("--languages", nargs="+", default=["en", "ko"],
                         help="caption / class-name languages; 'all' (retrieval): every language in the data")
     common.add_argument("--batch-size", type=int, default=64)
@@ -88,6 +88,7 @@ class _Report:
     ranks: dict[str, torch.Tensor]  # rank series for the box plot
     table: list[list]  # header row, then one row per language / direction
     chart: tuple[str, str, int, str]  # title, y label, chance candidates K, what K counts
+    more: tuple = ()  # further accuracy@k charts: (name, curves, title, y label, K, what K counts)
 
 
 def _rows(source: str, args, allow_folder: bool = False):
@@ -206,9 +207,12 @@ def _retrieval(args, progress) -> _Report:
     table = [["language", "t->i R@1", "R@5", "R@10", "i->t R@1", "R@5", "R@10", "t->i median rank", "seen"]]
     table += [[n] + [s[f"{d}_R@{k}"] for d in ("text_to_image", "image_to_text") for k in (1, 5, 10)]
               + [s["text_to_image_rank_median"], _seen(s)] for n, s in sections.items()]
+    i2t = ("image_to_text_accuracy_at_k", {n: s["image_to_text_accuracy_at_k"] for n, s in sections.items()},
+           "retrieval: image->text (find a caption of an image)", "image->text recall@k", res["n_images"],
+           "images, one caption each")
     return _Report(res, {n: s["text_to_image_accuracy_at_k"] for n, s in sections.items()}, ranks, table,
                    ("retrieval: text->image (find the image of a caption)", "text->image recall@k",
-                    res["n_images"], "images"))
+                    res["n_images"], "images"), (i2t,))
 
 
 def _crosslingual(args, progress) -> _Report:
@@ -243,27 +247,35 @@ def print_table(header: list, rows: list[list]) -> None:
 
 
 def _run(args) -> dict:
-    """Evaluate, then write metrics_<task>.json and the two charts into --out and print the table."""
+    """Evaluate, print the table, and with --out write metrics_<task>.json and the two charts there."""
     from clip.eval.charts import plot_accuracy_at_k, plot_rank_boxplot
     from clip.eval.metrics import chance_at_k
 
     progress = not args.no_progress and sys.stderr.isatty()
     tasks = {"zeroshot": _zeroshot, "retrieval": _retrieval, "crosslingual": _crosslingual}
     rep = tasks[args.task](args, progress)
-    res = {"task": args.task, "checkpoint": str(args.checkpoint), **rep.result,
-           "charts": [f"{args.task}_accuracy_at_k.png", f"{args.task}_ranks.png"]}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    title, ylabel, n, what = rep.chart
-    ks = sorted({int(k) for acc in rep.curves.values() for k in acc})
-    plot_accuracy_at_k(rep.curves, out / res["charts"][0], title, chance_at_k(ks, n),
-                       f"chance k/{n} ({what})", ylabel)
-    plot_rank_boxplot(rep.ranks, out / res["charts"][1], f"{args.task}: rank of the correct item (log scale)")
-    path = out / f"metrics_{args.task}.json"
-    path.write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    res = {"task": args.task, "checkpoint": str(args.checkpoint), **rep.result}
     print_table(rep.table[0], rep.table[1:])
+    where = ""
+    if args.out:
+        from mae.common.files import atomic_write_text
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        res["charts"] = [f"{args.task}_accuracy_at_k.png", f"{args.task}_ranks.png"]
+        for name, curves, title, ylabel, n, what in [(res["charts"][0], rep.curves, *rep.chart)] + [
+                (f"{args.task}_{m[0]}.png", *m[1:]) for m in rep.more]:
+            ks = sorted({int(k) for acc in curves.values() for k in acc})
+            plot_accuracy_at_k(curves, out / name, title, chance_at_k(ks, n), f"chance k/{n} ({what})", ylabel)
+        res["charts"] += [f"{args.task}_{m[0]}.png" for m in rep.more]
+        title, ylabel, n, what = rep.chart
+        plot_rank_boxplot(rep.ranks, out / res["charts"][1], f"{args.task}: rank of the correct item (log scale)",
+                          chance=(n + 1) / 2, chance_label=f"chance median ({what}: {n})")
+        path = out / f"metrics_{args.task}.json"
+        atomic_write_text(path, json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+        where = f" -> {path}"
     print(f"ranks are 1-based, ties pessimistic; {res.get('n_images', res.get('n_pairs'))} evaluated, "
-          f"{res.get('n_skipped', 0)} skipped -> {path}")
+          f"{res.get('n_skipped', 0)} skipped{where}")
     return res
 
 

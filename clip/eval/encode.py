@@ -116,7 +116,7 @@ def _image_batches(samples, transform, root, batch_size, workers):
         for idx, images, errors in loader:
             yield [samples[i] for i in idx], images, len(errors), errors
         return
-    for buf, skipped in _chunks(samples, batch_size):  # e.g. clip.data.pairs.build_pair_dataset(...)
+    for buf, skipped in _chunks(samples, batch_size):  # e.g. a clip.data.pairs.PairDataset
         idx, images, errors = _collate([_SampleImages(buf, transform, root)[i] for i in range(len(buf))])
         yield [buf[i] for i in idx], images, skipped + len(errors), errors
 

@@ -77,6 +77,8 @@ def _retrieval_sections(g: _Gallery, languages, ks) -> tuple[dict, dict]:
         sections[lang] = metrics_from_ranks(t2i, i2t, ks, n_images=n, n_texts=len(temb))
         acc = accuracy_at_k(t2i, curve_ks(n))
         sections[lang]["text_to_image_accuracy_at_k"] = {str(k): v for k, v in acc.items()}
+        acc = accuracy_at_k(i2t, curve_ks(len(temb)))
+        sections[lang]["image_to_text_accuracy_at_k"] = {str(k): v for k, v in acc.items()}
         ranks[lang] = {"text_to_image": t2i, "image_to_text": i2t}
     return sections, ranks
 
@@ -98,7 +100,8 @@ def evaluate_retrieval(model, tokenizer, samples, languages: Sequence[str] = ("e
         batch_size: images per batch (texts: at least 256 per batch).
     Returns:
         ``{"languages": {lang: {image_to_text_R@k, text_to_image_R@k, {direction}_rank_{mean,median,q1,q3},
-        n_images, n_texts, "text_to_image_accuracy_at_k": {"1".."min(10, N)": float}}}, "n_images",
+        n_images, n_texts, "text_to_image_accuracy_at_k": {"1".."min(10, N)": float},
+        "image_to_text_accuracy_at_k": {"1".."min(10, M)": float}}}, "n_images",
         "n_skipped", "n_no_caption", "rank_base": 1, "ties": "pessimistic"}``; with ``return_ranks`` also
         ``"ranks": {lang: {"text_to_image": (M,), "image_to_text": (N',)}}``. A language with no
         caption gets ``{"n_texts": 0}`` only.

@@ -74,6 +74,7 @@ class HFTextTower(nn.Module):
             raise ValueError(f"pool must be one of {get_args(HFPool)}, got {pool!r}")
         self.model, self.pool, self.pad_id = encoder, pool, int(pad_id)
         self.embed_dim = int(encoder.config.hidden_size)
+        self.depth = int(getattr(encoder.config, "num_hidden_layers", 0))
 
     def config_json(self) -> str:
         """The encoder's ``config.json`` as a string (what :func:`tower_from_config_json` reads)."""

@@ -13,8 +13,7 @@ padding (N = sum of the lengths up to each EOT, instead of B x context): every p
 out padded (B, T_max) as the causal SDPA kernel wants it, like FlashAttention's unpadded BERT. The
 last block is needed only at the EOT tokens: its keys and values are computed for every token, its
 queries, projection and MLP for the B EOT tokens only. Exactly the same features as running each
-caption alone (tested), for less work: on captions of 8-40 tokens about 40 % less text-tower
-compute than cutting the batch at its longest caption, which itself beats the full context.
+caption alone (tested), for the compute of the real tokens only (README: benchmarks).
 
 Initialisation is GPT-2's: normal(0, 0.02) for linear and token-embedding weights, normal(0,
 0.01) for the position embedding (as CLIP and GPT-2 do), zero biases, and the residual output

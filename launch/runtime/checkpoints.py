@@ -13,6 +13,7 @@ you trust. Everything exported (``mae_ckpt.pt``, ``clip_ckpt.pt``) loads weights
 """
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
@@ -25,7 +26,7 @@ import torch
 
 from launch.runtime.config import ConfigError
 from launch.runtime.dist import Dist, all_ranks_true, barrier, fault_point
-from mae.common.files import atomic_open, atomic_write_text
+from mae.common.files import WriteError, atomic_open, atomic_write_text
 
 LATEST, MANIFEST = "latest", "manifest.json"
 _TAG = re.compile(r"^step_(\d+)$")
@@ -64,11 +65,14 @@ def save(engine, out_dir: Path, step: int, keep_last: int, dist: Dist, state: di
     ``latest`` names."""
     ckpt = Path(out_dir) / "checkpoints"
     tag = f"step_{step:07d}"
-    (ckpt / tag).mkdir(parents=True, exist_ok=True)
-    with atomic_open(ckpt / tag / resume_file(dist.rank), "wb") as f:
-        torch.save(state, f)
-    engine.save_checkpoint(str(ckpt), tag)
-    fault_point("save", step)  # DeepSpeed's files written, manifest and latest not yet
+    try:
+        (ckpt / tag).mkdir(parents=True, exist_ok=True)
+        with atomic_open(ckpt / tag / resume_file(dist.rank), "wb") as f:
+            torch.save(state, f)
+        engine.save_checkpoint(str(ckpt), tag)
+        fault_point("save", step)  # DeepSpeed's files written, manifest and latest not yet
+    except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
+        raise save_failed(ckpt, tag, e) from None
     barrier(dist)
     if dist.is_main:
         files = {str(p.relative_to(ckpt / tag)): p.stat().st_size
@@ -80,6 +84,25 @@ def save(engine, out_dir: Path, step: int, keep_last: int, dist: Dist, state: di
             for old in older[: max(0, len(older) - (keep_last - 1))]:
                 shutil.rmtree(ckpt / old, ignore_errors=True)
     barrier(dist)
+
+
+def save_failed(ckpt: Path, tag: str, e: Exception) -> WriteError:
+    """The one-line error of a checkpoint that could not be written, its partial folder removed
+    (``latest`` still names the previous one, which a resume uses)."""
+    reason = " ".join(str(e).split())
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or "write failed" in reason:
+        reason = "no space left on the device" if not isinstance(e, OSError) or e.errno == errno.ENOSPC \
+            else "disk quota exceeded"
+    previous = [t for t in tags_by_step(ckpt) if t != tag]
+    need = ""
+    if previous:
+        size = sum(p.stat().st_size for p in (ckpt / previous[-1]).rglob("*") if p.is_file())
+        need = f"; a checkpoint takes about {size / 2**20:,.0f} MiB, {shutil.disk_usage(ckpt).free / 2**20:,.0f} MiB are free"
+    shutil.rmtree(ckpt / tag, ignore_errors=True)
+    kept = f"checkpoints/latest still names {previous[-1]}" if previous else "no checkpoint was written before"
+    return WriteError(getattr(e, "errno", None) or errno.EIO,
+                      f"cannot save checkpoint {tag} in {ckpt}: {reason}{need}; nothing else was changed ({kept}): "
+                      "free space and resume with --resume")
 
 
 def verify(tag_dir: Path) -> Optional[str]:
@@ -116,11 +139,12 @@ def _candidates(ckpt: Path) -> list[str]:
     return ([named] if named in tags else []) + [t for t in tags if t != named]
 
 
-def load(engine, out_dir: Path, dist: Dist, identity: dict) -> tuple[int, dict]:
+def load(engine, out_dir: Path, dist: Dist) -> tuple[int, dict]:
     """Load the newest usable checkpoint: ``(step, this rank's resume state)``.
 
-    ``engine`` gets DeepSpeed's state (model, optimizer, lr schedule); the caller restores the rest
-    from the resume states. Every rank checks every candidate and they agree before loading.
+    ``engine`` gets DeepSpeed's state (model, optimizer); the caller restores the rest from the resume
+    states. Every rank checks every candidate and they agree before loading. (What may differ
+    from the run that wrote it was checked before any process work: ``run_dir.check_resume``.)
     """
     ckpt = Path(out_dir) / "checkpoints"
     for tag in _candidates(ckpt):
@@ -130,30 +154,8 @@ def load(engine, out_dir: Path, dist: Dist, identity: dict) -> tuple[int, dict]:
                 print(f"warning: --resume: skipping checkpoint {tag}: {problem or 'damaged on another rank'}",
                       file=sys.stderr)
             continue
-        state0 = torch.load(ckpt / tag / resume_file(0), map_location="cpu", weights_only=True)
-        check_compatible(state0, engine, dist, identity)
-        mine = state0 if dist.rank == 0 else torch.load(ckpt / tag / resume_file(dist.rank), map_location="cpu",
-                                                        weights_only=True)
+        mine = torch.load(ckpt / tag / resume_file(dist.rank), map_location="cpu", weights_only=True)
         if not engine.load_checkpoint(str(ckpt), tag):
             raise ConfigError(f"--resume: DeepSpeed could not load {ckpt / tag}")
         return tag_step(tag), mine
     raise ConfigError(f"--resume: no usable checkpoint in {ckpt}")
-
-
-def check_compatible(saved: dict, engine, dist: Dist, identity: dict) -> None:
-    """One line naming what differs when the checkpoint was written by another model, tokenizer or
-    run shape. ``identity``: name -> (fingerprint, what to say to fix it)."""
-    for name, (fingerprint, hint) in identity.items():
-        was = saved["identity"].get(name)
-        if was is not None and was != fingerprint:
-            raise ConfigError(f"--resume: the run was trained with another {name} ({was}, this run has {fingerprint}); {hint}")
-    if saved["world_size"] != dist.world_size:
-        raise ConfigError(
-            f"--resume: the checkpoint was written by {saved['world_size']} ranks, this run has {dist.world_size}; "
-            f"the data position, ZeRO partitions and the global batch ({saved['global_batch']}) belong to "
-            f"{saved['world_size']} ranks: resume with {saved['world_size']}")
-    now = {"train.micro_batch_size": engine.train.micro_batch_size, "train.grad_accum": engine.train.grad_accum}
-    for key, value in now.items():
-        if saved["batch"][key] != value:
-            raise ConfigError(f"--resume: the checkpoint was written with {key}={saved['batch'][key]}, "
-                              f"this run has {value}; resume with the same batch shape")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+from dataclasses import dataclass
 import types
 import typing
 from typing import Any, Literal, Optional, TypeVar, Union
@@ -14,7 +16,7 @@ import yaml
 from launch.runtime.config import ConfigError, dump_config, load_config
 from launch.runtime.dist import Dist
 from launch.runtime.engine import init_distributed
-from launch.runtime.run_dir import check_run_dir
+from launch.runtime.run_dir import check_resume, claim_run_dir
 
 T = TypeVar("T")
 
@@ -55,13 +57,18 @@ def parse_run_args(argv: list[str], schema: type[T], description: str, default_c
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-h", "--help", action="store_true", help="this help, with every config key, and exit")
     p.add_argument("--config", default=default_config, help="run YAML (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint (a folder "
+                   "without one starts afresh)")
+    p.add_argument("--allow-changed", action="append", default=[], metavar="KEY",
+                   help="with --resume: a setting allowed to differ from the run's last config (repeatable; a "
+                        "section like train. allows all of it)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     for flag, text in options:
         p.add_argument(flag, default=None, help=text)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=20")
     args = p.parse_intermixed_args(argv)
+    args.allow_changed = [k for a in args.allow_changed for k in a.split(",") if k]
     if args.help:
         try:
             cfg, origin = load_config(schema, args.config, args.overrides), f"after {args.config}"
@@ -77,11 +84,26 @@ def parse_run_args(argv: list[str], schema: type[T], description: str, default_c
     return args, load_config(schema, args.config, args.overrides)
 
 
-def start_run(cfg: Any, print_config: bool, resume: bool) -> Optional[Dist]:
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts: its process group, whether it resumes, and what changed since its last
+    config (recorded in the run's config history)."""
+
+    dist: Dist
+    resume: bool
+    changes: Optional[dict] = None
+
+
+def start_run(cfg: Any, args: argparse.Namespace, identity: Optional[dict] = None) -> Optional[Start]:
     """Once the config is final (every file checked): print it (``--print-config``; returns None),
-    or check the run folder, then join the process group."""
-    if print_config:
+    or claim the run folder and check a resume (:mod:`launch.runtime.run_dir`), then join the
+    process group. ``identity``: name -> (fingerprint, hint) a resumed run must match."""
+    if args.print_config:
         print(dump_config(cfg), end="")
         return None
-    check_run_dir(cfg.run.out_dir, resume)
-    return init_distributed()
+    resume = claim_run_dir(cfg.run.out_dir, args.resume)
+    changes = check_resume(cfg.run.out_dir, cfg, args.allow_changed, identity or {}) if resume else None
+    if changes and os.environ.get("RANK", "0") == "0":
+        print("note: --resume with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()),
+              file=sys.stderr)
+    return Start(init_distributed(), resume, changes)

@@ -1,23 +1,24 @@
 """Run configuration: frozen dataclasses filled from a YAML file, then from ``key=value`` overrides.
 
-Each stage has one schema (``launch/mae.py: MAERunConfig``, ``launch/clip.py: CLIPRunConfig``)
+Each stage has one schema (``launch.stages.mae.MAERunConfig``, ``launch.stages.clip_config.CLIPRunConfig``)
 built from the sub-configs here and the models' own configs. Order of precedence: dataclass
 defaults < YAML file < command-line overrides (dotted keys, values parsed as YAML scalars, e.g.
-``train.steps=20 model.encoder.depth=2 data.source=shards/{000000..000009}.tar``).
-Unknown keys and values of the wrong type are a :class:`ConfigError` naming the key; the entry
-points print it as one line and exit 2. The resolved config is saved next to the checkpoints.
+``train.steps=20 model.encoder.depth=2 data.source=shards/{000000..000009}.tar``). The schemas
+are built by :func:`mae.common.configs.build`: unknown keys, values of the wrong type and every
+schema's own range checks are a :class:`ConfigError` naming the key and where the value came
+from; the entry points print it as one line and exit 2. The resolved config is saved in the run
+folder (:mod:`launch.runtime.run_dir`).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar
 
 import yaml
 
 from mae.common.configs import ConfigError, build, to_dict
-from mae.common.files import atomic_write_text
 
 T = TypeVar("T")
 
@@ -25,6 +26,23 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    """An exponential moving average of the weights (timm's ``ModelEmaV3``, open_clip's EMA):
+    ``ema = decay * ema + (1 - decay) * weights`` every ``every`` optimizer steps from ``start_step``
+    (a copy of the weights before it). ``decay: 0`` turns it off."""
+
+    decay: float = 0.0
+    start_step: int = 0
+    every: int = 1
+
+    def __post_init__(self):
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1) (0 = off), got {self.decay}")
+        if self.start_step < 0 or self.every < 1:
+            raise ValueError(f"start_step must be >= 0 and every >= 1, got {self.start_step} and {self.every}")
 
 
 @dataclass(frozen=True)
@@ -58,6 +76,8 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory
     compile: bool = False  # torch.compile the model (nn.Module.compile: state dict keys unchanged)
     compile_backend: str = "inductor"
+    layer_decay: float = 1.0  # layer-wise lr decay of the towers (launch.runtime.optim.layer_decay); 1 = off
+    ema: EMAConfig = field(default_factory=EMAConfig)
 
     def __post_init__(self):
         for name in ("steps", "micro_batch_size", "grad_accum"):
@@ -73,6 +93,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be in [0, 1), got {list(self.betas)}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1] (1 = off), got {self.layer_decay}")
 
 
 @dataclass(frozen=True)
@@ -103,22 +125,25 @@ class StreamConfig:
     epoch, for epoch-based settings; 0 = from the shards' statistics (our ``stats.json``,
     img2dataset's ``*_stats.json``), needed for remote shards. ``source_weights``: one per
     ``::``-separated source of ``data.source``, per-shard sampling weights when resampling.
-    ``shuffle_buffer``: samples in each worker's shuffle buffer over shards.
+    ``shuffle_buffer``: samples in each worker's shuffle buffer over shards. ``curation``: the
+    output folder of ``python -m clip.curate`` for this source: each sample is kept with its
+    probability there, drawn afresh every epoch (:mod:`mae.images.keep`); "" = every sample.
     """
 
     resampled: bool = False
     num_samples: int = 0
     source_weights: tuple[float, ...] = ()
     shuffle_buffer: int = 256
+    curation: str = ""
 
     def __post_init__(self):
         if self.num_samples < 0 or self.shuffle_buffer < 0 or any(w <= 0 for w in self.source_weights):
             raise ValueError("num_samples and shuffle_buffer must be >= 0 and source_weights > 0")
 
     def stream_options(self) -> dict:
-        """Keyword arguments for ``build_image_dataset`` / ``build_pair_dataset``."""
+        """Keyword arguments for ``mae.images.stream.ImageDataset`` / ``clip.data.pairs.PairDataset``."""
         return {"resampled": self.resampled, "num_samples": self.num_samples, "weights": self.source_weights,
-                "shuffle_buffer": self.shuffle_buffer}
+                "shuffle_buffer": self.shuffle_buffer, "curation": resolve_path(self.curation) if self.curation else ""}
 
 
 @dataclass(frozen=True)
@@ -204,12 +229,8 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def save_config(cfg: Any, path: Path) -> None:
-    """Write the resolved config as YAML (atomically)."""
-    atomic_write_text(path, dump_config(cfg))
-
-
 def dump_config(cfg: Any) -> str:
+    """The config as YAML, in field order (what ``config.yaml`` holds)."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
@@ -226,6 +247,13 @@ def check_source(source, key: str, stream: Optional[StreamConfig] = None):
             check_stream(kind, source, stream.resampled, stream.source_weights)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"{key}: {e}") from None
+    if stream is not None and stream.curation:
+        from mae.images.keep import CurationKeep
+
+        try:
+            CurationKeep(resolve_path(stream.curation))
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
     if kind == "records" and items:
         head = items[:1000]
         if not any(os.path.isfile(r["path"]) for r in head):

@@ -4,6 +4,7 @@ leaving the process group is DeepSpeed's (:mod:`launch.runtime.engine`)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import signal
@@ -37,9 +38,13 @@ def free_port() -> int:
 
 def fault_point(where: str, step: int) -> None:
     """Fault injection for the tests: ``ENKO_FAULT=where:step`` (e.g. ``step:5``, ``save:4``) kills
-    this process with SIGKILL at that point, as a preemption would."""
-    if os.environ.get("ENKO_FAULT") == f"{where}:{step}":
+    this process with SIGKILL at that point, as a preemption would; ``where:step:enospc`` raises the
+    error a full disk gives there instead."""
+    fault = os.environ.get("ENKO_FAULT", "")
+    if fault == f"{where}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+    if fault == f"{where}:{step}:enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def set_seed(seed: int) -> None:

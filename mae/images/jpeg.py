@@ -2,7 +2,7 @@
 
 :mod:`mae.images.views` decodes most training images through here: ``simplejpeg`` (libjpeg-turbo, the
 library Pillow decodes with, so the pixels are Pillow's) into a ``(H, W, 3)`` uint8 array, without
-Pillow's image object, its header parsing and its copy to an array (~35 % of the decode at 256 px).
+Pillow's image object, its header parsing and its copy to an array.
 :func:`probe` reads what the crops must be drawn on (the upright size) from the markers; files it
 cannot vouch for give None and the caller decodes them with Pillow (:func:`mae.images.decode.load_rgb`):
 not a JPEG, CMYK or YCCK (Adobe's inverted ink needs Pillow's handling), markers that do not

@@ -1,3 +1,4 @@
+# Over 300 lines: the box sampler, the decode-for-crops routes and the three view makers that share them.
 """Random-resized-crop views of both stages, decoded only as large as they need (the crop engine).
 
 A view spec is ``(output size, (min area, max area))``; MAE draws one view per image, CLIP's
@@ -54,8 +55,8 @@ def as_specs(specs) -> list[tuple[int, tuple[float, float]]]:
 def draw_crops(specs, width: int, height: int) -> list[tuple[tuple[int, int, int, int], int, bool]]:
     """Draw the V crops of ``specs`` on a ``width`` x ``height`` image: ``[(box (left, top, right,
     bottom), output size, flip)]``, by :func:`sample_box` and a fair flip. The draws come from a
-    Python generator seeded from torch's random state, one torch call per image instead of ~10 per
-    crop, so a sample's seed still fixes its crops."""
+    Python generator seeded from torch's random state (one torch call per image, not several per
+    crop), so a sample's seed still fixes its crops."""
     rng = random.Random(int(torch.randint(0, 2**62, (1,)).item()))
     return [(sample_box(rng, width, height, scale), size, rng.random() < 0.5) for size, scale in as_specs(specs)]
 
@@ -229,7 +230,7 @@ class ReferenceViews(Views):
 
 class FastViews(Views):
     """``fast``: per sample ``{"views": V uint8 (3, S, S) channels-last, "flips": (V,) bool}``, not
-    yet flipped (flipping in the worker cost ~5 % of a sample's time there; it is free on a GPU)."""
+    yet flipped: the flips are batched on the accelerator, where they cost nothing."""
 
     impl = "fast"
 

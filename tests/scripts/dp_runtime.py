@@ -46,7 +46,7 @@ def main(argv):
     model[1].register_forward_hook(lambda m, i, o: seen.add(("layernorm", str(o.dtype))))
     groups, windows = param_groups(model, cfg.train.weight_decay)
     schedule = LRSchedule(cfg.train, dist.world_size, windows)
-    engine = Engine(model, cfg.train, dist, groups, schedule.lrs)
+    engine = Engine(model, cfg.train, dist, groups, schedule)
     run_dir = prepare_run_dir(cfg.run, cfg, dist, {"ds_config.json": engine.config})
     gen = torch.Generator().manual_seed(123)
     global_b = cfg.train.micro_batch_size * dist.world_size
