@@ -19,7 +19,8 @@ from clip.curate import main as curate_main
 from clip.data.curation.engines import run_units
 from clip.data.curation.langid import LanguageIdentifier
 from clip.data.curation.metadata import Matcher, read_entries
-from clip.data.curation.online import CurationKeep, draw_caption, keep_draw
+from clip.data.curation.online import draw_caption
+from mae.images.keep import CurationKeep, keep_draw
 from clip.data.curation.scan import ScanSettings, make_units, scan_unit
 from mae.images.decode import load_rgb
 from mae.images.shards import iter_shard_samples
@@ -256,7 +257,7 @@ def test_online_draw_per_epoch_at_its_probability():
 def test_online_draw_is_a_pure_function_of_seed_epoch_key():
     keys = [f"k{i}" for i in range(200)]
     here = [keep_draw(0.5, 3, 11, k) for k in keys]
-    code = ("from clip.data.curation.online import keep_draw; "
+    code = ("from mae.images.keep import keep_draw; "
             f"print(''.join('1' if keep_draw(0.5, 3, 11, k) else '0' for k in {keys!r}))")
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                            env={"PYTHONHASHSEED": "123", "PATH": ""}, check=True).stdout.strip()

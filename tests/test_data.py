@@ -547,3 +547,38 @@ def test_tar_member_reader_equals_webdatasets(tmp_path):
     assert not _plain_tar(str(tmp_path / "z.tar"))
     assert [s["key"] for s in iter_shard_samples(str(tmp_path / "z.tar"))] == \
         [s["key"] for s in iter_shard_samples(str(path))]
+
+
+# ----------------------------------------------------------------------------- curated sources (data.curation)
+def _keep_files(shard_dir: Path, folder: Path, p: float) -> dict[str, str]:
+    """Keep files giving every sample of the shards probability ``p``; returns {tar key: json key}."""
+    from mae.images.keep import FORMAT, keep_file, unit_name
+    from mae.images.shards import expand_shards, iter_shard_samples
+
+    keys = {}
+    for url in expand_shards(str(shard_dir)):
+        tar_keys = []
+        for s in iter_shard_samples(url):
+            tar_keys.append(s["key"])
+            keys[s["key"]] = json.loads(s["json"])["key"]
+        path = Path(keep_file(folder, unit_name(url)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"format": FORMAT, "unit": unit_name(url), "keys": tar_keys, "p": [p] * len(tar_keys)}))
+    return keys
+
+
+def test_curated_shards_draw_afresh_each_epoch_and_resume_inside_one(shard_dir, tmp_path):
+    from mae.images.keep import keep_draw
+
+    keys = _keep_files(shard_dir, tmp_path / "cur", 0.5)
+    ds = build_pair_dataset(str(shard_dir), nothing, shuffle=False, seed=3, curation=str(tmp_path / "cur"))
+    assert ds.num_samples() == round(0.5 * len(keys)) == 20
+    epochs = []
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        got = [s["key"] for s in ds]
+        assert got == [keys[k] for k in keys if keep_draw(0.5, 3, epoch, k)]  # each drawn at its p, per epoch
+        epochs.append(got)
+    assert epochs[0] != epochs[1] != epochs[2]
+    ds.set_epoch(1, start={0: 5})  # resumed after 5 samples of epoch 1
+    assert [s["key"] for s in ds] == epochs[1][5:]

@@ -42,10 +42,6 @@ class BatchStream:
                 "dropped": dict(self.dropped)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["num_workers"] != self.num_workers:
-            raise ConfigError(f"--resume: the checkpoint was written with train.num_workers={state['num_workers']}, "
-                              f"this run has {self.num_workers}; the data position is per worker, resume with "
-                              f"train.num_workers={state['num_workers']}")
         self.epoch, self.served = state["epoch"], state["served"]
         self.positions = {int(k): v for k, v in state["positions"].items()}
         self.last_worker, self.dropped = state["last_worker"], dict(state["dropped"])

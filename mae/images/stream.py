@@ -37,6 +37,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mae.images.keep import CurationKeep
 from mae.images.sources import resolve_source
 from mae.images.shards import expand_shard_groups, iter_shard_samples, shard_sample_count
 
@@ -75,7 +76,7 @@ class ShardedImageSource(IterableDataset):
 
     def __init__(self, source, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: bool = True, shuffle_buffer: int = 256, resampled: bool = False,
-                 weights: Sequence[float] = (), num_samples: int = 0):
+                 weights: Sequence[float] = (), num_samples: int = 0, curation: str = ""):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.kind, self.items = resolve_source(source)
@@ -87,6 +88,7 @@ class ShardedImageSource(IterableDataset):
         if weights:
             groups = expand_shard_groups(str(source))
             self.weights = [float(w) for w, g in zip(weights, groups) for _ in g]  # open_clip: per shard
+        self.keep = CurationKeep(curation, seed) if curation else None
         self.set_epoch(0)
 
     def num_samples(self) -> int | None:
@@ -95,6 +97,8 @@ class ShardedImageSource(IterableDataset):
         ``*_stats.json``, :func:`mae.images.shards.shard_sample_count`); None when unknown."""
         if self.nominal:
             return self.nominal
+        if self.keep is not None:  # a curated source: the expected number kept
+            return round(self.keep.expected_samples(None if self.kind == "records" else self.items))
         return len(self.items) if self.kind == "records" else shard_sample_count(self.items)
 
     def set_epoch(self, epoch: int, start: dict[int, int] | None = None, first_worker: int = 0) -> None:
@@ -123,6 +127,9 @@ class ShardedImageSource(IterableDataset):
         else:
             order = self._order()
             if self.kind == "records":
+                if self.keep is not None:  # before the partition: every rank and worker sees the same kept list
+                    probs = self.keep.probabilities(records=True)
+                    order = [r for r in order if self.keep.kept(probs, r["key"], self.epoch)]
                 yield from order[part::parts]
                 return
             if len(order) >= parts:
@@ -144,19 +151,25 @@ class ShardedImageSource(IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
-    @staticmethod
-    def _read_shards(urls: Iterable[str]) -> Iterator[dict]:
-        """Samples of the shards in turn. A shard that cannot be read to its end yields one broken
-        record standing for the samples it lost: its ``stats.json`` count minus those read (or 1
-        when the count is unknown)."""
+    def _read_shards(self, urls: Iterable[str]) -> Iterator[dict]:
+        """Samples of the shards in turn. A shard that cannot be read to its end, or that ends before
+        the count its writer recorded (``stats.json``, img2dataset's ``*_stats.json``: a copy cut at a
+        member boundary reads as a whole tar), yields one broken record standing for the samples it
+        lost: that count minus those read (1 for a shard that breaks and has no count; a shard with
+        no count that ends early cannot be told from a whole one). With a curation
+        (``data.curation``) only the samples its keep draw keeps this epoch are yielded."""
         for url in urls:
-            read = 0
+            read, broken = 0, False
+            probs = self.keep.probabilities(url) if self.keep is not None else None
             try:
                 for sample in iter_shard_samples(url):
                     read += 1
-                    yield sample
+                    if probs is None or self.keep.kept(probs, sample["key"], self.epoch):
+                        yield sample
             except Exception:  # unreadable or truncated tar: count what it lost, go on with the next
-                known = shard_sample_count([url])
+                broken = True
+            known = shard_sample_count([url])
+            if broken or (known is not None and read < known):
                 yield {"key": url, "image": None, "json": None, "txt": None, "broken_shard": True,
                        "lost": max(1, known - read) if known is not None else 1}
 
@@ -190,7 +203,7 @@ class ShardedImageSource(IterableDataset):
                 continue
             with torch.random.fork_rng(devices=[]):
                 # the CPU generator only: torch.manual_seed would also queue a lazy CUDA seeding
-                # and format a stack trace for it, ~0.5 ms per sample, a fifth of a multi-crop
+                # and format a stack trace for it, at every sample
                 torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, part, i))
                 item = self.load(record)
             if item is None:

@@ -5,10 +5,11 @@ the loaders apply online, caption-variant weights, and the report. ``python -m c
 is the command line (:mod:`clip.curate`); :func:`clip.data.curation.pipeline.curate` the library
 entry point.
 
-This subpackage owns the curation rules and the keep-file format. It may import the shared
+This subpackage owns the curation rules (the keep files it writes are read by the streams:
+:mod:`mae.images.keep`). It may import the shared
 source and shard readers (:mod:`mae.images.sources`, :mod:`mae.images.shards`), the atomic
 writers (:mod:`mae.common.files`), the image decoder (:mod:`mae.images.decode`) and caption
 cleaning (:mod:`clip.data.pairs`); nothing in it imports a trainer, a model or ``torch`` directly.
-The trainers call :mod:`clip.data.curation.online` (keep draws, weighted caption variants), which
+The training collate calls :mod:`clip.data.curation.online` (weighted caption variants), which
 imports nothing but the standard library.
 """

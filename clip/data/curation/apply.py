@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clip.data.curation.online import FORMAT, caption_sources, keep_draw
+from clip.data.curation.online import caption_sources
+from mae.images.keep import FORMAT, keep_draw
 from clip.data.curation.scan import ScanSettings, Unit, load_index, read_unit, sample_captions, worker_state
 
 DROP_REASONS = ("kept", "no_caption", "no_image", "exact_duplicate", "near_duplicate", "duplicate_caption",

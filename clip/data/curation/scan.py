@@ -22,7 +22,7 @@ import numpy as np
 from clip.data.curation.dedup import digest64, image_signature
 from clip.data.curation.langid import LanguageIdentifier
 from clip.data.curation.metadata import Matcher, normalize_many
-from clip.data.curation.online import unit_name
+from mae.images.keep import unit_name
 
 RECORDS_PER_UNIT = 10_000
 
