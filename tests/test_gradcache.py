@@ -109,6 +109,52 @@ def test_cached_step_equals_one_step_over_the_whole_batch():
     assert_close(grads(model), want)
 
 
+class _Teacher:
+    """Features that are fixed functions of the pixels and the caption strings."""
+
+    logit_scale = 20.0
+
+    def encode_image(self, images, mean, std):
+        return torch.nn.functional.normalize(images.flatten(1)[:, :6], dim=-1)
+
+    def encode_text(self, texts):
+        codes = torch.tensor([[float(ord(c)) for c in (t * 6)[:6]] for t in texts])
+        return torch.nn.functional.normalize(codes, dim=-1)
+
+
+def test_cached_step_with_distillation_equals_one_step_over_the_whole_batch():
+    """The teacher's targets taken per micro-batch and concatenated: the KL term over the whole
+    batch, its gradients those of one plain step (the English-only teacher skips Korean slots)."""
+    from clip.model.distill import DistillLoss, DistillTerm
+
+    def with_captions(b: dict, seed: int) -> dict:
+        n = b["tokens"].shape[0]
+        caps = [[f"cap{seed}-{i}-{c}" if b["text_mask"][i, c] else "" for c in range(C)] for i in range(n)]
+        langs = [[lang if b["text_mask"][i, c] else "" for c, lang in enumerate(("en", "ko"))] for i in range(n)]
+        return {**b, "captions": caps, "slot_languages": langs}
+
+    full = with_captions(batch(N, 4), 4)
+    micro = [{**m, "captions": full["captions"][i * (N // K):(i + 1) * (N // K)],
+              "slot_languages": full["slot_languages"][i * (N // K):(i + 1) * (N // K)]}
+             for i, m in enumerate(split(full, K))]
+    term = DistillTerm(_Teacher(), DistillLoss(), 0.5, (0.5,) * 3, (0.5,) * 3, languages=["en"])
+    torch.manual_seed(0)
+    model = CLIP(CFG).train()
+    model.zero_grad()
+    o = model(full["images"], full["tokens"], full["text_mask"])
+    targets = term.targets(full["images"], full["captions"], full["text_mask"], full["slot_languages"])
+    assert targets.mask[:, 1].sum() == 0 and targets.mask[:, 0].sum() == N - 1  # English slots only
+    want_loss = ClipLoss()(o[0], o[1], full["text_mask"], o[2]) + term(o[0], o[1], o[2], targets)
+    want_kl = term.last
+    want_loss.backward()
+    want = grads(model)
+    model.zero_grad()
+    loss, _ = CachedContrastiveStep(Eager(model), ClipLoss(), term)(micro)
+    torch.testing.assert_close(loss, want_loss.detach(), rtol=1e-6, atol=0)
+    assert term.last == pytest.approx(want_kl, rel=1e-6) and want_kl > 0.01
+    assert_close(grads(model), want)
+
+
 def _worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

@@ -32,6 +32,7 @@ from typing import Literal, get_args
 import torch
 from torch.utils.data import get_worker_info
 
+from clip.data.curation.online import caption_sources, draw_caption
 from mae.images.stream import ShardedImageSource, batch_position
 
 
@@ -97,12 +98,13 @@ class PairDataset(ShardedImageSource):
             raise ValueError(f"pair dataset needs captions: {source} is a plain image folder")
         self.views, self.languages = views, tuple(languages)
 
-    def captions(self, record: dict) -> tuple[str, dict[str, list[str]], int]:
-        """(key, captions, n_dropped) of a raw record."""
+    def captions(self, record: dict) -> tuple[str, dict[str, list[str]], int, dict[str, list[str]]]:
+        """(key, captions, n_dropped, where each caption came from) of a raw record (the sources:
+        :func:`clip.data.curation.online.caption_sources`)."""
         if "row" in record:
             caps, dropped = extract_captions(record["row"], self.languages)
-            return record["key"], caps, dropped
-        key, caps, dropped = record["key"], {}, 0
+            return record["key"], caps, dropped, caption_sources(record["row"], caps)
+        key, caps, dropped, meta = record["key"], {}, 0, {}
         if record.get("json") is not None:
             try:
                 meta = json.loads(_decode_text(record["json"]))
@@ -111,6 +113,8 @@ class PairDataset(ShardedImageSource):
             if isinstance(meta, dict):
                 caps, dropped = extract_captions(meta, self.languages)
                 key = str(meta.get("key", key))
+            else:
+                meta = {}
         first = self.languages[0]
         if record.get("txt") is not None and first not in caps:
             c = clean_caption(_decode_text(record["txt"]))
@@ -118,16 +122,16 @@ class PairDataset(ShardedImageSource):
                 dropped += 1
             else:
                 caps[first] = [c]
-        return key, caps, dropped
+        return key, caps, dropped, caption_sources(meta, caps)
 
     def load(self, record):
-        key, caps, dropped = self.captions(record)
+        key, caps, dropped, sources = self.captions(record)
         if not caps:
             return None
         img = self.decode(record, self.views)
         if img is None:
             return None
-        return {"image": img, "captions": caps, "key": key, "n_dropped": dropped}
+        return {"image": img, "captions": caps, "caption_sources": sources, "key": key, "n_dropped": dropped}
 
 
 def split_rows(rows: Sequence[dict], val_fraction: float, key_field: str = "base",
@@ -163,23 +167,27 @@ class CaptionCollate:
     ``mode="all"``: C = len(languages), slot c holds a random caption in ``languages[c]``; an
     image without that language gets ``text_mask`` False and a ``[SOT, EOT, PAD...]`` row.
     ``mode="sample"``: C = 1, a random available language, then a random caption in it
-    (KELIP-style mixed batches); ``languages`` is then ``["mixed"]``.
+    (KELIP-style mixed batches); ``languages`` is then ``["mixed"]``. With ``caption_weights``
+    (``data.caption_weights``) the caption is drawn by its variant's weight instead
+    (:func:`clip.data.curation.online.draw_caption`: original and translated captions, per language).
     Draws come from a generator seeded by (seed, epoch, and where the batch ends in the stream:
     worker and position), so they do not depend on earlier batches and a resumed run draws the
     same; call ``set_epoch`` before each epoch for fresh draws.
 
     Returns ``{"images": views.collate(...) (without ``views``: V crop batches), "tokens": (B,C,T) long,
     "text_mask": (B,C) bool,
-    "languages": [C str], "slot_languages": B x C lists ("" where masked), "keys": [B str],
+    "languages": [C str], "slot_languages": B x C lists ("" where masked), "captions": B x C caption
+    texts ("" where masked), "keys": [B str],
     "n_dropped": int}`` plus :func:`mae.images.stream.batch_position`'s fields.
     """
 
     def __init__(self, tokenizer, views=None, languages: Sequence[str] = ("en", "ko"), mode: CaptionMode = "all",
-                 seed: int = 0, context_length: int | None = None):
+                 seed: int = 0, context_length: int | None = None, caption_weights: dict[str, float] | None = None):
         if mode not in get_args(CaptionMode):
             raise ValueError(f"mode must be one of {get_args(CaptionMode)}, got {mode!r}")
         self.tokenizer, self.views, self.languages, self.mode, self.seed = tokenizer, views, tuple(languages), mode, seed
         self.context_length = context_length or tokenizer.context_length  # the text tower's T
+        self.caption_weights = dict(caption_weights or {})
         self.epoch, self._calls = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -195,15 +203,24 @@ class CaptionCollate:
     def __call__(self, samples: list[dict]) -> dict:
         rng = self._rng(samples[-1])
         B, images = len(samples), [s["image"] for s in samples]
-        texts, slots = [], []  # slots: (B, C) language per slot, "" = masked
+        texts, slots, captions = [], [], []  # slots: (B, C) language per slot, "" = masked; captions: its text
         for s in samples:
             caps = s["captions"]
             if self.mode == "all":
                 row = [lang if caps.get(lang) else "" for lang in self.languages]
+                texts += [rng.choice(caps[lang]) for lang in row if lang]
+            elif self.caption_weights:  # a variant by its weight, then one of its captions
+                got = draw_caption({lang: caps[lang] for lang in self.languages if caps.get(lang)},
+                                   self.caption_weights, rng, s.get("caption_sources"))
+                row = [got[0] if got else ""]
+                texts += [got[1]] if got else []
             else:
                 row = [rng.choice([lang for lang in self.languages if caps.get(lang)] or [""])]
-            texts += [rng.choice(caps[lang]) for lang in row if lang]
+                texts += [rng.choice(caps[lang]) for lang in row if lang]
+            n = sum(bool(lang) for lang in row)
+            it = iter(texts[len(texts) - n:])  # this row's texts, in slot order
             slots.append(row)
+            captions.append([next(it) if lang else "" for lang in row])
         C = len(slots[0])
         mask = torch.tensor([[bool(lang) for lang in row] for row in slots], dtype=torch.bool)  # (B, C)
         T = self.context_length
@@ -218,6 +235,7 @@ class CaptionCollate:
             "text_mask": mask,
             "languages": list(self.languages) if self.mode == "all" else ["mixed"],
             "slot_languages": slots,
+            "captions": captions,
             "keys": [s["key"] for s in samples],
             "n_dropped": sum(int(s.get("n_dropped", 0)) for s in samples),
             **batch_position(samples),

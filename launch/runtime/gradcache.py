@@ -28,6 +28,7 @@ import contextlib
 
 import torch
 
+from clip.model.distill import TeacherTargets
 from clip.model.loss import ClipLoss
 from clip.model.siglip import SigLipLoss
 from launch.runtime.dist import rng_state, set_rng_state
@@ -42,16 +43,19 @@ class CachedContrastiveStep:
             ``clip.model.CLIP``; its forward applies the run's precision.
         loss_fn: the contrastive loss, given this rank's place: ``ClipLoss``, or ``SigLipLoss`` for a
             model with a ``logit_bias`` (passed to it as the fifth argument).
+        distill: a :class:`clip.model.distill.DistillTerm` added to the loss over the whole batch
+            (the teacher's targets taken per micro-batch in the first pass; it draws nothing).
     """
 
-    def __init__(self, engine, loss_fn: ClipLoss | SigLipLoss):
-        self.engine, self.loss_fn = engine, loss_fn
+    def __init__(self, engine, loss_fn: ClipLoss | SigLipLoss, distill=None):
+        self.engine, self.loss_fn, self.distill = engine, loss_fn, distill
 
     def __call__(self, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward, backward and ``engine.step()`` for every micro-batch of ``batches``; returns the
         whole batch's loss (detached) and the logit scale."""
         engine = self.engine
         starts, images, texts = [], [], []
+        targets = []
         for i, b in enumerate(batches):
             starts.append(rng_state())
             last = i == len(batches) - 1
@@ -59,6 +63,8 @@ class CachedContrastiveStep:
                 img, txt, scale_k = engine(b["images"], b["tokens"], b["text_mask"])  # (V, B, E), (B, C, E)
             images.append(img.detach())
             texts.append(txt.detach())
+            if self.distill is not None:
+                targets.append(self.distill.targets(b["images"], b["captions"], b["text_mask"], b["slot_languages"]))
         kept = img, txt, scale_k  # the last micro-batch's outputs, with their graph
         after = rng_state()
         img = torch.cat(images, dim=1).requires_grad_()  # (V, kB, E)
@@ -68,6 +74,8 @@ class CachedContrastiveStep:
         bias = getattr(engine.module, "logit_bias", None)  # SigLIP's learnable bias, (1,)
         extra = [] if bias is None else [bias.detach().requires_grad_()]
         loss = self.loss_fn(img, txt, mask, scale, *extra)
+        if self.distill is not None:
+            loss = loss + self.distill(img, txt, scale, TeacherTargets.cat(targets))
         g_img, g_txt, g_scale, *g_extra = torch.autograd.grad(loss, [img, txt, scale, *extra])
         sizes = [t.shape[0] for t in texts]
         g_imgs, g_txts = g_img.split(sizes, dim=1), g_txt.split(sizes, dim=0)

@@ -23,7 +23,9 @@ from clip.data.pairs import CaptionCollate, PairDataset
 from clip.eval.tasks import evaluate_heldout
 from clip.model.checkpoint import save_clip
 from clip.model.clip import CLIP
-from clip.model.loss import ClipLoss, chance_level
+from clip.model.distill import DistillLoss, DistillTerm
+from clip.model.loss import ClipLoss
+from clip.model.siglip import SigLipLoss
 from clip.model.tokens import HFTokenizer
 from launch.runtime.cli import parse_run_args, start_run
 from launch.runtime.config import PROJECT_ROOT, ConfigError, dump_config
@@ -33,7 +35,7 @@ from launch.runtime.gradcache import CachedContrastiveStep
 from launch.runtime.guard import Guard
 from launch.runtime.loop import Step, Trainer
 from launch.runtime.monitor import Monitor
-from launch.runtime.optim import FreezeSchedule, LRSchedule, freeze_steps, global_batch, param_groups
+from launch.runtime.optim import FreezeSchedule, LRSchedule, freeze_steps, global_batch, layer_decay, param_groups
 from launch.runtime.run_dir import fingerprint, prepare_run_dir, summary_line
 from launch.runtime.stream import BatchStream
 from launch.stages.clip_config import KINDS, CLIPRunConfig, ClipRun, resolve
@@ -44,22 +46,36 @@ from mae.images.views import Views
 
 class ClipStep(Step):
     """One optimizer step of stage 2: the views finished on the device, both towers, the
-    contrastive loss over the global batch; with cached accumulation all micro-batches of the step
-    in one loss (:class:`launch.runtime.gradcache.CachedContrastiveStep`). After each step the
+    contrastive loss over the global batch (InfoNCE, or the sigmoid loss with the model's bias);
+    with cached accumulation all micro-batches of the step in one loss
+    (:class:`launch.runtime.gradcache.CachedContrastiveStep`); with ``distill`` (a
+    :class:`clip.model.distill.DistillTerm`) its KL to a frozen teacher added. After each step the
     temperature parameter is clamped to [0, log max_logit_scale]."""
 
-    def __init__(self, engine: Engine, views: Views, loss_fn: ClipLoss, cached: bool, max_logit_scale: float):
+    def __init__(self, engine: Engine, views: Views, loss_fn, cached: bool, max_logit_scale: float,
+                 distill: DistillTerm | None = None):
         super().__init__(engine)
         self.views, self.loss_fn, self.max_log_scale = views, loss_fn, math.log(max_logit_scale)
-        self.cached = CachedContrastiveStep(engine, loss_fn) if cached else None
+        self.distill = distill
+        self.cached = CachedContrastiveStep(engine, loss_fn, distill) if cached else None
 
     def finish(self, batch: dict) -> dict:
         return {**batch, "images": self.views.finish(batch["images"])}
 
+    def bias(self) -> tuple:
+        """The sigmoid loss's logit bias, as its last argument (nothing for InfoNCE)."""
+        bias = getattr(self.engine.module, "logit_bias", None)
+        return () if bias is None else (bias,)
+
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         batch = self.finish(batch)
         img, txt, scale = self.engine(batch["images"], batch["tokens"], batch["text_mask"])
-        return self.loss_fn(img, txt, batch["text_mask"], scale), self.metrics(scale, [batch])
+        loss = self.loss_fn(img, txt, batch["text_mask"], scale, *self.bias())
+        if self.distill is not None:
+            targets = self.distill.targets(batch["images"], batch["captions"], batch["text_mask"],
+                                           batch["slot_languages"])
+            loss = loss + self.distill(img, txt, scale, targets)
+        return loss, self.metrics(scale, [batch])
 
     def __call__(self, batches: list[dict]) -> tuple[torch.Tensor, dict]:
         if self.cached is None:
@@ -68,13 +84,15 @@ class ClipStep(Step):
         loss, scale = self.cached(batches)
         return loss, self.metrics(scale, batches)
 
-    @staticmethod
-    def metrics(scale: torch.Tensor, batches: list[dict]) -> dict:
+    def metrics(self, scale: torch.Tensor, batches: list[dict]) -> dict:
         s = scale.item()
-        return {"temperature": 1.0 / s if s > 0 else math.inf, "logit_scale": s,
-                **{f"count/{k}": sum(b[n] for b in batches) for k, n in (
-                    ("skipped_samples", "n_skipped"), ("broken_shards", "n_broken_shards"),
-                    ("dropped_captions", "n_dropped"))}}
+        out = {"temperature": 1.0 / s if s > 0 else math.inf, "logit_scale": s}
+        if self.bias():
+            out["logit_bias"] = self.bias()[0].item()
+        if self.distill is not None and self.distill.last is not None:
+            out["distill_kl"] = self.distill.last  # the last micro-batch's (per micro-batch accumulation)
+        return {**out, **{f"count/{k}": sum(b[n] for b in batches) for k, n in (
+            ("skipped_samples", "n_skipped"), ("broken_shards", "n_broken_shards"), ("dropped_captions", "n_dropped"))}}
 
     def after(self) -> None:
         self.engine.clamp_(self.engine.module.logit_scale, 0.0, self.max_log_scale)
@@ -94,9 +112,13 @@ def main(argv: list[str]) -> Path:
         print(f"note: printed without what the tokenizer and --init decide: {e}", file=sys.stderr)
         return Path(cfg.run.out_dir)
     cfg = run.cfg
-    dist = start_run(cfg, args.print_config, args.resume)
-    if dist is None:
-        return Path(cfg.run.out_dir)
+    out = Path(cfg.run.out_dir)
+    identity = {"model config": (fingerprint(cfg.model), f"resume with the run's config (in {out})"),
+                "tokenizer": (run.tokenizer.fingerprint, f"resume with the run's own: data.tokenizer={out / 'tokenizer'}")}
+    start = start_run(cfg, args, identity)
+    if start is None:
+        return out
+    dist = start.dist
 
     # model: the same initial weights on every rank, then different patch-dropout streams per rank
     set_seed(cfg.train.seed)
@@ -111,7 +133,7 @@ def main(argv: list[str]) -> Path:
     dataset = PairDataset(run.train_source, views, languages=cfg.data.languages, rank=dist.rank,
                           world_size=dist.world_size, seed=cfg.train.seed, **cfg.data.stream_options())
     collate = CaptionCollate(run.tokenizer, views, cfg.data.languages, mode=cfg.data.caption_mode,
-                             seed=cfg.train.seed + dist.rank)
+                             seed=cfg.train.seed + dist.rank, caption_weights=cfg.data.caption_weights)
 
     def loader(epoch: int):
         collate.set_epoch(epoch)
@@ -127,12 +149,12 @@ def main(argv: list[str]) -> Path:
     freeze = FreezeSchedule(model, {
         "visual.": freeze_steps(f.image_steps, f.image_epochs, per_epoch, "freeze.image"),
         "text.": freeze_steps(f.text_steps, f.text_epochs, per_epoch, "freeze.text"),
-    })
-    groups, windows = param_groups(model, cfg.train.weight_decay, freeze)
-    schedule = LRSchedule(cfg.train, dist.world_size, windows)
-    engine = Engine(model, cfg.train, dist, groups, schedule.lrs)
-    out = prepare_run_dir(cfg.run, cfg, dist, {"ds_config.json": engine.config})
-    monitor = Monitor(out, dist, resume=args.resume, wandb=cfg.run.wandb)
+    }, unlocked={"visual.": f.image_unlocked_layers, "text.": f.text_unlocked_layers})
+    groups, specs = param_groups(model, cfg.train.weight_decay, freeze, layer_decay(model, cfg.train.layer_decay))
+    schedule = LRSchedule(cfg.train, dist.world_size, specs, rewarm=f.rewarm_steps)
+    engine = Engine(model, cfg.train, dist, groups, schedule)
+    prepare_run_dir(cfg.run, cfg, dist, {"ds_config.json": engine.config}, start.changes)
+    monitor = Monitor(out, dist, resume=start.resume, wandb=cfg.run.wandb)
     monitor.start(cfg, model)
     if dist.is_main and not (out / "tokenizer").exists():
         if isinstance(run.tokenizer, HFTokenizer):
@@ -141,24 +163,33 @@ def main(argv: list[str]) -> Path:
             shutil.copytree(run.tokenizer_dir, out / "tokenizer")
 
     # loop
-    loss_fn = ClipLoss(dist.rank, dist.world_size, gather_with_grad=cfg.gather_with_grad,
-                       max_block=cfg.loss_chunk_mib * 2 ** 20 // 4)
-    step = ClipStep(engine, views, loss_fn, cfg.cached_accumulation, cfg.model.max_logit_scale)
-    chance = chance_level(cfg.contrastive_batch(dist.world_size), cfg.caption_slots)
+    max_block = cfg.loss_chunk_mib * 2 ** 20 // 4
+    loss_fn = SigLipLoss(dist.rank, dist.world_size, max_block, cfg.siglip_exchange) if cfg.model.loss == "siglip" \
+        else ClipLoss(dist.rank, dist.world_size, gather_with_grad=cfg.gather_with_grad, max_block=max_block)
+    distill = None
+    if run.teacher is not None:
+        teacher = run.teacher.to(dist.device)
+        distill = DistillTerm(teacher, DistillLoss(dist.rank, dist.world_size), cfg.distill.weight, cfg.augment.mean,
+                              cfg.augment.std, languages=teacher.languages)
+    step = ClipStep(engine, views, loss_fn, cfg.cached_accumulation, cfg.model.max_logit_scale, distill)
+    chance = cfg.chance(dist.world_size)
     guard = Guard(cfg.guard, chance, settle_step=max(cfg.train.warmup_steps, freeze.settle_step()))
-    identity = {"model config": (fingerprint(cfg.model), f"resume with its config: --config {out / 'config.yaml'}"),
-                "tokenizer": (run.tokenizer.fingerprint, f"resume with the run's own: data.tokenizer={out / 'tokenizer'}")}
     trainer = Trainer(cfg, dist, engine, stream, step, monitor, schedule, freeze, guard, identity)
-    if args.resume:
+    if start.resume:
         trainer.resume()
     validator = Validator(run, dist, engine.module, monitor, chance) if run.val_source is not None else None
+    if validator is not None:
+        validator.ema = trainer.ema
     trainer.fit([(cfg.val_every, validator)] if validator is not None else [])
     trainer.save()
     if dist.is_main:
         save_clip(engine.module, out / "clip_ckpt.pt", tokenizer=run.tokenizer.fingerprint, languages=cfg.data.languages)
+        if trainer.ema is not None:  # beside the trained weights: python -m clip.export takes either file
+            save_clip(engine.module, out / "clip_ckpt_ema.pt", tokenizer=run.tokenizer.fingerprint,
+                      languages=cfg.data.languages, state_dict=trainer.ema.weights())
         if validator is None:
-            monitor.plot("loss.png", ["train/loss"], "CLIP training loss", "symmetric InfoNCE", chance=chance,
-                         labels={"train/loss": "train"})
+            monitor.plot("loss.png", ["train/loss"], "CLIP training loss", cfg.model.loss, chance=chance,
+                         chance_label="collapsed", labels={"train/loss": "train"})
         last = {k: v for r in monitor.history() for k, v in r.items() if k.startswith("val/")}
         monitor.close()
         print(f"CLIP done: {cfg.train.steps} steps (image tower frozen for {freeze.windows.get('visual.', 0)}, "
@@ -183,6 +214,7 @@ class Validator:
         self.view = Decoded(eval_transform(cfg.model.vision.img_size, cfg.model.image_mean, cfg.model.image_std))
         self.rows = list(PairDataset(run.val_source, self.view, languages=self.langs, shuffle=False)) \
             if dist.is_main else []
+        self.ema = None  # the trainer's weight average, evaluated beside the weights (val/ema/...)
 
     def __call__(self, step: int):
         if not self.dist.is_main:
@@ -190,14 +222,21 @@ class Validator:
         res = evaluate_heldout(self.model, self.run.tokenizer, self.rows, self.langs, self.dist.device,
                                loss_batch_size=self.batch)
         logs = {f"val/{k}": v for k, v in res.items()}
+        if self.ema is not None:
+            with self.ema.swapped():
+                res = evaluate_heldout(self.model, self.run.tokenizer, self.rows, self.langs, self.dist.device,
+                                       loss_batch_size=self.batch)
+            logs.update({f"val/ema/{k}": v for k, v in res.items()})
         self.monitor.log(step, logs)
         self.plot()
         return None
 
     def plot(self) -> None:
         m = self.monitor
-        m.plot("loss.png", ["train/loss", "val/loss"], "CLIP loss", "symmetric InfoNCE", chance=self.chance,
-               labels={"train/loss": "train", "val/loss": "held-out"})
+        name = "sigmoid loss" if self.run.cfg.model.loss == "siglip" else "symmetric InfoNCE"
+        m.plot("loss.png", ["train/loss", "val/loss", "val/ema/loss"], "CLIP loss", name, chance=self.chance,
+               chance_label="collapsed", labels={"train/loss": "train", "val/loss": "held-out",
+                                                 "val/ema/loss": "held-out, weight average"})
         for direction, name in (("text_to_image", "text→image"), ("image_to_text", "image→text")):
             keys = [f"val/{lang}/{direction}_R@{k}" for lang in self.langs for k in (1, 5)]
             m.plot(f"val_recall_{direction}.png", keys, f"held-out {name} recall@k per language (%)", "recall (%)",

@@ -17,6 +17,7 @@ from typing import Literal, Optional
 from clip.data.multicrop import MultiCropConfig
 from clip.data.pairs import CaptionMode, extract_captions, split_rows
 from clip.interop.init import KINDS, InitWeights, read_init
+from clip.interop.teacher import KINDS as TEACHER_KINDS, Teacher, load_teacher
 from clip.model.clip import CLIPConfig
 from clip.model.tokens import load_text_tokenizer, text_config_for, unknown_share
 from launch.runtime.config import ConfigError, GuardConfig, RunConfig, StreamConfig, TrainConfig, check_source, resolve_path
@@ -42,6 +43,9 @@ class CLIPDataConfig(StreamConfig):
     val_fraction: float = 0.15
     split_key: str = "base"
     split_seed: int = 0
+    # caption_mode sample: the weight of each caption variant ("ko:translated", "ko", "translated"...;
+    # clip.data.curation.online.draw_caption), {} = a random language, then a random caption
+    caption_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         super().__post_init__()
@@ -49,22 +53,56 @@ class CLIPDataConfig(StreamConfig):
             raise ValueError(f"languages must be distinct and at least one, got {list(self.languages)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if any(not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0 for w in self.caption_weights.values()):
+            raise ValueError(f"caption_weights must map variants to numbers >= 0, got {self.caption_weights}")
+        if self.caption_weights and self.caption_mode != "sample":
+            raise ValueError("caption_weights weigh the one caption drawn per image: they need caption_mode=sample")
 
 
 @dataclass(frozen=True)
 class FreezeConfig:
     """Towers frozen (lr 0, no gradient) at the start; projections and temperature still train.
-    The window is the larger of ``*_steps`` and ``*_epochs`` x steps per epoch."""
+    The window is the larger of ``*_steps`` and ``*_epochs`` x steps per epoch. ``*_unlocked_layers``:
+    the last N blocks of the tower (and its final norm) train through the window (open_clip's
+    ``--lock-*-unlocked-*``). ``rewarm_steps``: a tower leaving its window re-warms its learning rate
+    linearly from 0 over this many steps (its Adam moments start there too)."""
 
     image_steps: int = 0
     image_epochs: float = 0.0
     text_steps: int = 0
     text_epochs: float = 0.0
+    image_unlocked_layers: int = 0
+    text_unlocked_layers: int = 0
+    rewarm_steps: int = 0
 
     def __post_init__(self):
-        for name in ("image_steps", "image_epochs", "text_steps", "text_epochs"):
+        for name in ("image_steps", "image_epochs", "text_steps", "text_epochs", "image_unlocked_layers",
+                     "text_unlocked_layers", "rewarm_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """A frozen teacher CLIP from local files (:func:`clip.interop.teacher.load_teacher`): ``teacher``
+    its path (empty: none); ``teacher_tokenizer`` / ``teacher_act_layer``: for OpenAI-layout weights."""
+
+    teacher: str = ""
+    teacher_tokenizer: str = ""
+    teacher_act_layer: Literal["gelu", "quick_gelu"] = "quick_gelu"
+
+
+@dataclass(frozen=True)
+class ImageTextDistillConfig(TeacherConfig):
+    """Image-text distillation beside the contrastive loss (:class:`clip.model.distill.DistillTerm`):
+    ``weight`` x KL between the teacher's and the student's image -> text and text -> image
+    distributions over the global batch, on the caption slots in the languages the teacher reads."""
+
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if self.weight < 0:
+            raise ValueError(f"weight must be >= 0, got {self.weight}")
 
 
 @dataclass(frozen=True)
@@ -88,6 +126,10 @@ class CLIPRunConfig:
     # With train.grad_accum > 1: "cached" contrasts all micro-batches of a step (launch.runtime.gradcache),
     # "per_micro_batch" each micro-batch on its own (fewer negatives, one forward per micro-batch).
     accumulation: Literal["cached", "per_micro_batch"] = "cached"
+    # model.loss=siglip: how the captions reach the other ranks (clip.model.siglip): round the ring
+    # (shift), both ways round (bidir), or one all_gather (gather)
+    siglip_exchange: Literal["shift", "bidir", "gather"] = "shift"
+    distill: ImageTextDistillConfig = field(default_factory=ImageTextDistillConfig)
 
     def __post_init__(self):
         if self.loss_chunk_mib < 0:
@@ -98,6 +140,15 @@ class CLIPRunConfig:
             raise ValueError("train.compile with model.patch_dropout and cached accumulation: the second forward must "
                              "replay the first one's random draws, which a compiled graph does not promise; set one of "
                              "them off")
+        if self.freeze.image_unlocked_layers > self.model.vision.depth:
+            raise ValueError(f"freeze.image_unlocked_layers={self.freeze.image_unlocked_layers} is more than the image "
+                             f"tower's {self.model.vision.depth} blocks")
+        if self.model.text_tower == "gpt2" and self.freeze.text_unlocked_layers > self.model.text.depth:
+            raise ValueError(f"freeze.text_unlocked_layers={self.freeze.text_unlocked_layers} is more than the text "
+                             f"tower's {self.model.text.depth} blocks")
+        if self.model.text_tower == "hf" and self.data.tokenizer != CLIPDataConfig.tokenizer:
+            raise ValueError("data.tokenizer is not read with model.text_tower=hf: the encoder reads its own "
+                             "tokenizer (model.hf_text.path)")
         for name in ("global_size", "local_size"):
             if getattr(self.augment, name) % self.model.vision.patch_size:
                 raise ValueError(f"augment.{name}={getattr(self.augment, name)} is not divisible by the image tower's "
@@ -116,6 +167,16 @@ class CLIPRunConfig:
     def caption_slots(self) -> int:
         return len(self.data.languages) if self.data.caption_mode == "all" else 1
 
+    def chance(self, world_size: int) -> float:
+        """The loss a collapsed model sits at (the divergence guard's level): uniform logits for
+        InfoNCE, every logit at its best constant for the sigmoid loss."""
+        from clip.model import loss, siglip
+
+        images = self.contrastive_batch(world_size)
+        if self.model.loss == "siglip":
+            return siglip.chance_level(images)
+        return loss.chance_level(images, self.caption_slots)
+
 
 @dataclass(frozen=True)
 class ClipRun:
@@ -127,11 +188,27 @@ class ClipRun:
     init: Optional[InitWeights]
     train_source: object  # a source string or manifest rows
     val_source: object  # a source string, manifest rows, or None
+    teacher: Optional[Teacher] = None  # distill.teacher, on the CPU
 
 
 def note(text: str) -> None:
     if os.environ.get("RANK", "0") == "0":
         print(f"note: {text}", file=sys.stderr)
+
+
+def one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def read_teacher(t: TeacherConfig, key: str = "distill.teacher") -> Teacher:
+    """The teacher ``t`` names; every problem one :class:`ConfigError` line."""
+    if not t.teacher:
+        raise ConfigError(f"{key} is not set: name the teacher CLIP ({TEACHER_KINDS})")
+    try:
+        tok = resolve_path(t.teacher_tokenizer) if t.teacher_tokenizer else None
+        return load_teacher(resolve_path(t.teacher), tok, t.teacher_act_layer)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise ConfigError(f"{key}={t.teacher}: {one_line(e)}") from None
 
 
 def resolve(cfg: CLIPRunConfig, init: Optional[str]) -> ClipRun:
@@ -152,14 +229,14 @@ def resolve(cfg: CLIPRunConfig, init: Optional[str]) -> ClipRun:
     try:
         tokenizer = load_text_tokenizer(tok_dir, model.text.context_length)
     except (FileNotFoundError, ValueError, OSError) as e:
-        raise ConfigError(f"{key}={tok_dir}: {' '.join(str(e).split())}{hint}") from None
+        raise ConfigError(f"{key}={tok_dir}: {one_line(e)}{hint}") from None
     model = replace(model, text=text_config_for(model.text, tokenizer))
     weights = None
     if init:
         try:
             weights = read_init(init, model)
         except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"--init: {' '.join(str(e).split())} (--init takes {KINDS})") from None
+            raise ConfigError(f"--init: {one_line(e)} (--init takes {KINDS})") from None
         if weights.target == "clip":
             note(f"model.vision, model.text sizes and model.vision_pool=token taken from {init}; activation "
                  f"{model.vision.act_layer}/{model.text.act_layer} from the config (OpenAI's and KELIP's weights use "
@@ -180,7 +257,8 @@ def resolve(cfg: CLIPRunConfig, init: Optional[str]) -> ClipRun:
             raise ConfigError(f"model.hf_text.path={tok_dir}: its tokenizer maps {share:.0%} of a sample of the "
                               "captions mostly to its unknown token: it does not read these languages (a "
                               "SentencePiece model converted the wrong way?)")
-    return ClipRun(cfg, tokenizer, tok_dir, weights, train_src, val_src)
+    teacher = read_teacher(cfg.distill) if cfg.distill.teacher else None
+    return ClipRun(cfg, tokenizer, tok_dir, weights, train_src, val_src, teacher)
 
 
 def split_sources(data: CLIPDataConfig):

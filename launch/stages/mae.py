@@ -98,9 +98,12 @@ def main(argv: list[str]) -> Path:
     args, cfg = parse_run_args(argv, MAERunConfig, __doc__.split("\n")[0], str(PROJECT_ROOT / "configs" / "mae.yaml"))
     source = resolve_path(cfg.data.source)
     check_source(source, "data.source", cfg.data)
-    dist = start_run(cfg, args.print_config, args.resume)
-    if dist is None:
-        return Path(cfg.run.out_dir)
+    out = Path(cfg.run.out_dir)
+    identity = {"model config": (fingerprint(cfg.model), f"resume with the run's config (in {out})")}
+    start = start_run(cfg, args, identity)
+    if start is None:
+        return out
+    dist = start.dist
 
     # model: the same initial weights on every rank, then different masking streams per rank
     set_seed(cfg.train.seed)
@@ -118,18 +121,17 @@ def main(argv: list[str]) -> Path:
         collate_fn=ImageCollate(views), generator=torch.Generator()), cfg.train.micro_batch_size, cfg.train.num_workers)
 
     # engine
-    groups, windows = param_groups(model, cfg.train.weight_decay)
-    schedule = LRSchedule(cfg.train, dist.world_size, windows)
-    engine = Engine(model, cfg.train, dist, groups, schedule.lrs)
-    out = prepare_run_dir(cfg.run, cfg, dist, {"ds_config.json": engine.config})
-    monitor = Monitor(out, dist, resume=args.resume, wandb=cfg.run.wandb)
+    groups, specs = param_groups(model, cfg.train.weight_decay)
+    schedule = LRSchedule(cfg.train, dist.world_size, specs)
+    engine = Engine(model, cfg.train, dist, groups, schedule)
+    prepare_run_dir(cfg.run, cfg, dist, {"ds_config.json": engine.config}, start.changes)
+    monitor = Monitor(out, dist, resume=start.resume, wandb=cfg.run.wandb)
     monitor.start(cfg, model)
 
     # loop
-    identity = {"model config": (fingerprint(cfg.model), f"resume with its config: --config {out / 'config.yaml'}")}
     trainer = Trainer(cfg, dist, engine, stream, MAEStep(engine, views), monitor, schedule, guard=Guard(cfg.guard),
                       identity=identity)
-    if args.resume:
+    if start.resume:
         trainer.resume()
     vis = fixed_images(source, cfg.vis_images, enc.img_size, cfg.data.mean, cfg.data.std) if dist.is_main else None
 
@@ -147,6 +149,9 @@ def main(argv: list[str]) -> Path:
     trainer.save()
     if dist.is_main:
         save_encoder_checkpoint(engine.module, out / "mae_ckpt.pt", cfg.data.mean, cfg.data.std)
+        if trainer.ema is not None:  # beside the trained weights: --init takes either file
+            with trainer.ema.swapped():
+                save_encoder_checkpoint(engine.module, out / "mae_ckpt_ema.pt", cfg.data.mean, cfg.data.std)
         hist = [r["train/loss"] for r in monitor.history() if "train/loss" in r]
         monitor.close()
         print(f"MAE done: {cfg.train.steps} steps, loss {hist[0]:.4f} -> {hist[-1]:.4f}" if hist else "MAE done")
