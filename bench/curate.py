@@ -29,20 +29,18 @@ import argparse
 import io
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from clip.data.curation.dedup import image_signature, popcount64
+from clip.data.curation.langid import LanguageIdentifier
+from clip.data.curation.metadata import Matcher
+from clip.data.curation.pipeline import CurateConfig, curate
 
-from clip.data.curation.dedup import image_signature, popcount64  # noqa: E402
-from clip.data.curation.langid import LanguageIdentifier  # noqa: E402
-from clip.data.curation.metadata import Matcher  # noqa: E402
-from clip.data.curation.pipeline import CurateConfig, curate  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 JA = ["赤いリンゴ", "東京タワーの夜景", "猫が窓辺で寝ている", "富士山と桜", "海辺の夕日", "白い犬と公園",
       "新しいスマートフォンケース", "京都の古いお寺", "ラーメンと餃子のセット", "子供が自転車に乗っている",

@@ -29,6 +29,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from clip.model.distill import DistillLoss, DistillTerm, TeacherTargets
+from oneline import error_line
 from ranks import average_over_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -429,17 +430,9 @@ def test_cache_gives_the_loss_of_the_teacher_in_the_step(teacher, tiny_tokenizer
 
 
 def _error_line(argv: list[str], capsys) -> str:
-    """The stage's ``main(argv)`` under the entry points' wrapper, in this process (each case fails
-    before any process work): exit 2 and exactly one line on stderr."""
-    from launch.runtime.loop import run_main
     from launch.stages.distill_text import main
 
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        run_main(main, argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), (e.value.code, err)
-    return err[0]
+    return error_line(main, argv, capsys)
 
 
 def test_not_a_clip_and_unprojectable_widths_are_one_line(teacher, tiny_tokenizer_dir, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Feature-cached accumulation: k micro-batches give the gradients of one step over the whole
-batch (multi-crop, parallel captions with masked slots, patch dropout), on 1 and on 2 ranks."""
+batch (multi-crop, parallel captions with masked slots, patch dropout), on 1 and on 2 ranks, with
+InfoNCE, the sigmoid loss (its bias passed and trained, every exchange) and a distillation term."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from clip.model.loss import ClipLoss
+from clip.model.siglip import SigLipLoss
 from clip.model import CLIP, CLIPConfig
 from clip.model.text import TextConfig
 from launch.runtime.gradcache import CachedContrastiveStep
@@ -43,7 +45,7 @@ class Eager:
         pass
 
 
-def batch(n: int, seed: int) -> dict:
+def batch(n: int, seed: int, captionless: bool = False) -> dict:
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(3, 40, (n, C, 8), generator=g)
     lengths = torch.randint(2, 8, (n, C), generator=g)
@@ -51,6 +53,8 @@ def batch(n: int, seed: int) -> dict:
     tokens[torch.arange(8).expand(n, C, 8) > lengths[..., None]] = 0
     mask = torch.ones(n, C, dtype=torch.bool)
     mask[1, 1] = mask[5, 0] = False  # an image without its second / first language
+    if captionless:
+        mask[6] = False  # and one without any caption
     return {"images": [torch.randn(n, 3, 32, 32, generator=g), torch.randn(n, 3, 16, 16, generator=g)],
             "tokens": tokens, "text_mask": mask}
 
@@ -185,6 +189,59 @@ def test_cached_step_on_two_ranks_equals_one_process(tmp_path):
     for rank in range(2):
         for ckpt in (0, 1):
             assert_close(torch.load(tmp_path / f"rank{rank}_ckpt{ckpt}.pt", weights_only=True), want)
+
+
+# ----------------------------------------------------------------------------- the sigmoid loss
+
+EXCHANGES = ("shift", "bidir", "gather")
+
+
+def _siglip_model() -> CLIP:
+    """The tiny CLIP with a SigLIP bias of shape (1,) (-2, not -10: gradients of a useful size)."""
+    torch.manual_seed(0)
+    model = CLIP(CFG).train()
+    model.logit_bias = torch.nn.Parameter(torch.full((1,), -2.0))
+    return model
+
+
+def _siglip_big_step() -> dict:
+    model = _siglip_model()
+    full = batch(N, 3, captionless=True)
+    out = model(full["images"], full["tokens"], full["text_mask"])
+    SigLipLoss()(out[0], out[1], full["text_mask"], out[2], model.logit_bias).backward()
+    g = grads(model)
+    assert "logit_bias" in g
+    return g
+
+
+def test_cached_sigmoid_step_equals_one_big_step():
+    """CachedContrastiveStep passes the model's logit_bias to the loss and applies its gradient."""
+    want = _siglip_big_step()
+    model = _siglip_model()
+    CachedContrastiveStep(Eager(model), SigLipLoss(max_block=5))(split(batch(N, 3, captionless=True), K))
+    assert_close(grads(model), want)
+
+
+def _siglip_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for exchange in EXCHANGES:
+            model = _siglip_model()
+            mine = split(batch(N, 3, captionless=True), world)[rank]  # this rank's contiguous half
+            CachedContrastiveStep(Eager(model), SigLipLoss(rank, world, exchange=exchange))(split(mine, K // world))
+            g = grads(model)
+            average_over_ranks(g.values())
+            torch.save(g, f"{out_dir}/rank{rank}_{exchange}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cached_sigmoid_step_on_two_ranks_equals_one_big_step(tmp_path):
+    mp.spawn(_siglip_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    want = _siglip_big_step()
+    for rank in range(2):
+        for exchange in EXCHANGES:
+            assert_close(torch.load(tmp_path / f"rank{rank}_{exchange}.pt", weights_only=True), want)
 
 
 @pytest.mark.slow

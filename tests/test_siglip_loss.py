@@ -1,6 +1,7 @@
 """SigLipLoss against an explicit-loop reference (loss and gradients, several positives per image,
 multi-crop), row chunks against one block, its level at constant logits, 1 x B == W x B/W with
-real gloo processes for every exchange, and feature-cached accumulation against one big step."""
+real gloo processes for every exchange. (Feature-cached accumulation with the sigmoid loss:
+tests/test_gradcache.py.)"""
 from __future__ import annotations
 
 import math
@@ -12,11 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from clip.model import CLIP, CLIPConfig
 from clip.model.siglip import SigLipLoss, chance_level, constant_logit_loss
-from clip.model.text import TextConfig
-from launch.runtime.gradcache import CachedContrastiveStep
-from mae.vit import ViTConfig
 from ranks import average_over_ranks
 
 EXCHANGES = ("shift", "bidir", "gather")
@@ -189,103 +186,3 @@ def test_world_size_invariance(tmp_path, world):
             for g_w, g_1 in zip(grads_w, grads_1):
                 assert g_1.abs().max() > 1e-3
                 torch.testing.assert_close(g_w, g_1, rtol=0, atol=1e-12, msg=key)
-
-
-# ---- feature-cached accumulation -------------------------------------------------------------
-
-CFG = CLIPConfig(vision=ViTConfig(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2),
-                 text=TextConfig(vocab_size=40, context_length=8, embed_dim=16, depth=2, num_heads=2),
-                 embed_dim=8)
-NC, K, C = 8, 4, 2  # global batch, micro-batches, caption slots
-
-
-class Eager:
-    """The engine's interface on a plain module: backward is autograd's, step does nothing."""
-
-    def __init__(self, model):
-        self.module = model
-
-    def __call__(self, *args):
-        return self.module(*args)
-
-    def backward(self, loss, scale_wrt_gas=True):
-        loss.backward()
-
-    def step(self):
-        pass
-
-
-def _model() -> CLIP:
-    """The tiny CLIP with a SigLIP bias of shape (1,) (-2, not -10: gradients of a useful size)."""
-    torch.manual_seed(0)
-    model = CLIP(CFG).train()
-    model.logit_bias = nn.Parameter(torch.full((1,), -2.0))
-    return model
-
-
-def _batch(n: int, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(3, 40, (n, C, 8), generator=g)
-    lengths = torch.randint(2, 8, (n, C), generator=g)
-    tokens[torch.arange(8).expand(n, C, 8) == lengths[..., None]] = 2  # EOT
-    tokens[torch.arange(8).expand(n, C, 8) > lengths[..., None]] = 0
-    mask = torch.ones(n, C, dtype=torch.bool)
-    mask[1, 1] = mask[5, 0] = False  # an image without its second / first language
-    mask[6] = False  # and one without any caption
-    return {"images": [torch.randn(n, 3, 32, 32, generator=g), torch.randn(n, 3, 16, 16, generator=g)],
-            "tokens": tokens, "text_mask": mask}
-
-
-def _split(b: dict, k: int) -> list[dict]:
-    n = b["tokens"].shape[0] // k
-    return [{"images": [x[i * n:(i + 1) * n] for x in b["images"]], "tokens": b["tokens"][i * n:(i + 1) * n],
-             "text_mask": b["text_mask"][i * n:(i + 1) * n]} for i in range(k)]
-
-
-def _grads(model) -> dict:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _one_big_step() -> dict:
-    model = _model()
-    full = _batch(NC, 3)
-    out = model(full["images"], full["tokens"], full["text_mask"])
-    SigLipLoss()(out[0], out[1], full["text_mask"], out[2], model.logit_bias).backward()
-    return _grads(model)
-
-
-def _assert_close(got: dict, want: dict) -> None:
-    assert got.keys() == want.keys() and len(got) > 20 and "logit_bias" in want
-    for k in want:
-        scale = want[k].abs().max().clamp(min=1e-12)
-        assert (got[k] - want[k]).abs().max() / scale < 1e-5, k
-
-
-def test_cached_step_equals_one_big_step():
-    """CachedContrastiveStep passes the model's logit_bias to the loss and applies its gradient."""
-    want = _one_big_step()
-    model = _model()
-    CachedContrastiveStep(Eager(model), SigLipLoss(max_block=5))(_split(_batch(NC, 3), K))
-    _assert_close(_grads(model), want)
-
-
-def _cached_worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        for exchange in EXCHANGES:
-            model = _model()
-            mine = _split(_batch(NC, 3), world)[rank]  # this rank's contiguous half
-            CachedContrastiveStep(Eager(model), SigLipLoss(rank, world, exchange=exchange))(_split(mine, K // world))
-            g = _grads(model)
-            average_over_ranks(g.values())
-            torch.save(g, f"{out_dir}/rank{rank}_{exchange}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_cached_step_on_two_ranks_equals_one_big_step(tmp_path):
-    mp.spawn(_cached_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    want = _one_big_step()
-    for rank in range(2):
-        for exchange in EXCHANGES:
-            _assert_close(torch.load(tmp_path / f"rank{rank}_{exchange}.pt", weights_only=True), want)

@@ -19,13 +19,13 @@ Legend: B pairs in the batch, L languages, T tokens.
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from clip.data.pairs import clean_caption, split_rows
+from mae.common.files import iter_jsonl
 from mae.images.stream import ShardedImageSource, batch_position
 
 
@@ -37,19 +37,7 @@ def _table(path: Path) -> list[dict]:
 
 
 def _jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: bad JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
-            rows.append({k: (v[0] if isinstance(v, list) and v else v) for k, v in row.items()})
-    return rows
+    return [{k: (v[0] if isinstance(v, list) and v else v) for k, v in row.items()} for _, row in iter_jsonl(path)]
 
 
 def _line_files(pattern: str, languages: Sequence[str]) -> list[dict]:

@@ -26,6 +26,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mae.common.files import iter_jsonl
+
 # ISO 639-1 -> FLORES-200 codes of NLLB (the paper's languages, its zero-shot ones, and ours)
 NLLB_CODES = {"en": "eng_Latn", "ko": "kor_Hang", "es": "spa_Latn", "ja": "jpn_Jpan", "hi": "hin_Deva",
               "de": "deu_Latn", "fr": "fra_Latn", "zh": "zho_Hans", "bn": "ben_Beng", "it": "ita_Latn",
@@ -139,15 +141,7 @@ def read_rows(manifest: Path) -> list[tuple[str, dict]]:
     if not manifest.is_file():
         raise FileNotFoundError(f"manifest not found: {manifest}")
     rows, seen = [], set()
-    for lineno, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{manifest}:{lineno}: bad JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{manifest}:{lineno}: expected a JSON object")
+    for lineno, row in iter_jsonl(manifest):
         key = row_key(row, lineno, str(manifest))
         if key in seen:
             raise ValueError(f"{manifest}:{lineno}: key {key!r} appears twice; rows are resumed by key")

@@ -1,3 +1,4 @@
+# Over 300 lines: one interface over three teacher kinds (ours, open_clip local-dir, OpenAI layout) and the text cache keyed by it.
 """A frozen teacher CLIP for distillation (M-CLIP's text-only recipe; open_clip's ``--distill-model``).
 
 :func:`load_teacher` reads a CLIP from local files only, one of

@@ -15,8 +15,9 @@ import yaml
 
 from launch.runtime.config import ConfigError, dump_config, load_config
 from launch.runtime.dist import Dist
-from launch.runtime.engine import init_distributed
-from launch.runtime.run_dir import check_resume, claim_run_dir
+from launch.runtime.engine import Engine, init_distributed
+from launch.runtime.monitor import Monitor
+from launch.runtime.run_dir import check_resume, claim_run_dir, fingerprint, prepare_run_dir
 
 T = TypeVar("T")
 
@@ -92,18 +93,32 @@ class Start:
     dist: Dist
     resume: bool
     changes: Optional[dict] = None
+    identity: Optional[dict] = None  # name -> (fingerprint, hint): what the run's checkpoints record
 
 
 def start_run(cfg: Any, args: argparse.Namespace, identity: Optional[dict] = None) -> Optional[Start]:
     """Once the config is final (every file checked): print it (``--print-config``; returns None),
     or claim the run folder and check a resume (:mod:`launch.runtime.run_dir`), then join the
-    process group. ``identity``: name -> (fingerprint, hint) a resumed run must match."""
+    process group. ``identity``: name -> (fingerprint, hint) a resumed run must match, besides the
+    model config (always; ``Start.identity`` holds both)."""
+    identity = {"model config": (fingerprint(cfg.model), f"resume with the run's config (in {cfg.run.out_dir})"),
+                **(identity or {})}
     if args.print_config:
         print(dump_config(cfg), end="")
         return None
     resume = claim_run_dir(cfg.run.out_dir, args.resume)
-    changes = check_resume(cfg.run.out_dir, cfg, args.allow_changed, identity or {}) if resume else None
+    changes = check_resume(cfg.run.out_dir, cfg, args.allow_changed, identity) if resume else None
     if changes and os.environ.get("RANK", "0") == "0":
         print("note: --resume with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()),
               file=sys.stderr)
-    return Start(init_distributed(), resume, changes)
+    return Start(init_distributed(), resume, changes, identity)
+
+
+def open_run(cfg: Any, start: Start, model, groups: list, schedule) -> tuple[Engine, Monitor]:
+    """The engine around ``model`` (its optimizer groups and their lr schedule), the run folder
+    prepared (resolved config, config history, ``ds_config.json``) and its monitor started."""
+    engine = Engine(model, cfg.train, start.dist, groups, schedule)
+    prepare_run_dir(cfg.run, cfg, start.dist, {"ds_config.json": engine.config}, start.changes)
+    monitor = Monitor(cfg.run.out_dir, start.dist, resume=start.resume, wandb=cfg.run.wandb)
+    monitor.start(cfg, model)
+    return engine, monitor

@@ -12,7 +12,6 @@ the configuration and what is decided before any process work are :mod:`launch.s
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -26,8 +25,7 @@ from clip.model.clip import CLIP
 from clip.model.distill import DistillLoss, DistillTerm
 from clip.model.loss import ClipLoss
 from clip.model.siglip import SigLipLoss
-from clip.model.tokens import HFTokenizer
-from launch.runtime.cli import parse_run_args, start_run
+from launch.runtime.cli import open_run, parse_run_args, start_run
 from launch.runtime.config import PROJECT_ROOT, ConfigError, dump_config
 from launch.runtime.dist import barrier, set_seed
 from launch.runtime.engine import Engine
@@ -36,9 +34,9 @@ from launch.runtime.guard import Guard
 from launch.runtime.loop import Step, Trainer
 from launch.runtime.monitor import Monitor
 from launch.runtime.optim import FreezeSchedule, LRSchedule, freeze_steps, global_batch, layer_decay, param_groups
-from launch.runtime.run_dir import fingerprint, prepare_run_dir, summary_line
+from launch.runtime.run_dir import summary_line
 from launch.runtime.stream import BatchStream
-from launch.stages.clip_config import KINDS, CLIPRunConfig, ClipRun, resolve
+from launch.stages.clip_config import KINDS, CLIPRunConfig, ClipRun, keep_tokenizer, resolve
 from mae.images.decode import Decoded
 from mae.images.transforms import eval_transform
 from mae.images.views import Views
@@ -113,9 +111,8 @@ def main(argv: list[str]) -> Path:
         return Path(cfg.run.out_dir)
     cfg = run.cfg
     out = Path(cfg.run.out_dir)
-    identity = {"model config": (fingerprint(cfg.model), f"resume with the run's config (in {out})"),
-                "tokenizer": (run.tokenizer.fingerprint, f"resume with the run's own: data.tokenizer={out / 'tokenizer'}")}
-    start = start_run(cfg, args, identity)
+    start = start_run(cfg, args, {
+        "tokenizer": (run.tokenizer.fingerprint, f"resume with the run's own: data.tokenizer={out / 'tokenizer'}")})
     if start is None:
         return out
     dist = start.dist
@@ -152,15 +149,9 @@ def main(argv: list[str]) -> Path:
     }, unlocked={"visual.": f.image_unlocked_layers, "text.": f.text_unlocked_layers})
     groups, specs = param_groups(model, cfg.train.weight_decay, freeze, layer_decay(model, cfg.train.layer_decay))
     schedule = LRSchedule(cfg.train, dist.world_size, specs, rewarm=f.rewarm_steps)
-    engine = Engine(model, cfg.train, dist, groups, schedule)
-    prepare_run_dir(cfg.run, cfg, dist, {"ds_config.json": engine.config}, start.changes)
-    monitor = Monitor(out, dist, resume=start.resume, wandb=cfg.run.wandb)
-    monitor.start(cfg, model)
-    if dist.is_main and not (out / "tokenizer").exists():
-        if isinstance(run.tokenizer, HFTokenizer):
-            run.tokenizer.save(out / "tokenizer")  # the tokenizer files only, not the encoder's weights
-        else:
-            shutil.copytree(run.tokenizer_dir, out / "tokenizer")
+    engine, monitor = open_run(cfg, start, model, groups, schedule)
+    if dist.is_main:
+        keep_tokenizer(run.tokenizer, run.tokenizer_dir, out)
 
     # loop
     max_block = cfg.loss_chunk_mib * 2 ** 20 // 4
@@ -174,7 +165,7 @@ def main(argv: list[str]) -> Path:
     step = ClipStep(engine, views, loss_fn, cfg.cached_accumulation, cfg.model.max_logit_scale, distill)
     chance = cfg.chance(dist.world_size)
     guard = Guard(cfg.guard, chance, settle_step=max(cfg.train.warmup_steps, freeze.settle_step()))
-    trainer = Trainer(cfg, dist, engine, stream, step, monitor, schedule, freeze, guard, identity)
+    trainer = Trainer(cfg, dist, engine, stream, step, monitor, schedule, freeze, guard, start.identity)
     if start.resume:
         trainer.resume()
     validator = Validator(run, dist, engine.module, monitor, chance) if run.val_source is not None else None

@@ -1,3 +1,4 @@
+# Over 300 lines: the stage's one schema, each section with its checks, and the resolver that reads what it names.
 """The CLIP stage's configuration and everything decided before any process work.
 
 :class:`CLIPRunConfig` is the stage's one schema; its ``__post_init__`` and those of its sections
@@ -9,6 +10,7 @@ the image normalisation the model records; the data sources and their held-out s
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,7 +21,7 @@ from clip.data.pairs import CaptionMode, extract_captions, split_rows
 from clip.interop.init import KINDS, InitWeights, read_init
 from clip.interop.teacher import KINDS as TEACHER_KINDS, Teacher, load_teacher
 from clip.model.clip import CLIPConfig
-from clip.model.tokens import load_text_tokenizer, text_config_for, unknown_share
+from clip.model.tokens import HFTokenizer, load_text_tokenizer, text_config_for, unknown_share
 from launch.runtime.config import ConfigError, GuardConfig, RunConfig, StreamConfig, TrainConfig, check_source, resolve_path
 
 
@@ -194,6 +196,17 @@ class ClipRun:
 def note(text: str) -> None:
     if os.environ.get("RANK", "0") == "0":
         print(f"note: {text}", file=sys.stderr)
+
+
+def keep_tokenizer(tokenizer, tokenizer_dir: Path, out: Path) -> None:
+    """``<out>/tokenizer``: the run's tokenizer beside its checkpoints (once; rank 0 calls it):
+    a copy of our tokenizer folder, or a transformers encoder's tokenizer files (not its weights)."""
+    if (out / "tokenizer").exists():
+        return
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.save(out / "tokenizer")
+    else:
+        shutil.copytree(tokenizer_dir, out / "tokenizer")
 
 
 def one_line(e: Exception) -> str:

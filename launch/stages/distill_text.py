@@ -15,7 +15,6 @@ configuration and what is decided before any process work are :mod:`launch.stage
 """
 from __future__ import annotations
 
-import shutil
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -29,17 +28,16 @@ from clip.model.checkpoint import save_clip
 from clip.model.distill import TextStudent, assemble_clip, text_distance
 from clip.model.hf_text import HFTextTower, tower_from_pretrained
 from clip.model.text import TextTransformer
-from clip.model.tokens import HFTokenizer
-from launch.runtime.cli import parse_run_args, start_run
+from launch.runtime.cli import open_run, parse_run_args, start_run
 from launch.runtime.config import PROJECT_ROOT, ConfigError, dump_config
 from launch.runtime.dist import Dist, barrier, set_seed
-from launch.runtime.engine import Engine
 from launch.runtime.guard import Guard
 from launch.runtime.loop import Step, Trainer
 from launch.runtime.monitor import Monitor
 from launch.runtime.optim import LRSchedule, param_groups
-from launch.runtime.run_dir import fingerprint, prepare_run_dir, summary_line
+from launch.runtime.run_dir import summary_line
 from launch.runtime.stream import BatchStream
+from launch.stages.clip_config import keep_tokenizer
 from launch.stages.distill_text_config import DistillRun, DistillTextRunConfig, resolve
 from mae.common.files import register_format, save_checkpoint
 
@@ -156,10 +154,9 @@ def main(argv: list[str]) -> Path:
         print(f"note: printed without what the teacher and the tokenizer decide: {e}", file=sys.stderr)
         return Path(cfg.run.out_dir)
     cfg, out = run.cfg, Path(run.cfg.run.out_dir)
-    identity = {"model config": (fingerprint(cfg.model), f"resume with the run's config (in {out})"),
-                "tokenizer": (run.tokenizer.fingerprint, f"resume with the run's own tokenizer ({out / 'tokenizer'})"),
-                "teacher": (run.teacher.fingerprint, "resume with the run's distill.teacher")}
-    start = start_run(cfg, args, identity)
+    start = start_run(cfg, args, {
+        "tokenizer": (run.tokenizer.fingerprint, f"resume with the run's own tokenizer ({out / 'tokenizer'})"),
+        "teacher": (run.teacher.fingerprint, "resume with the run's distill.teacher")})
     if start is None:
         return out
     dist = start.dist
@@ -189,19 +186,13 @@ def main(argv: list[str]) -> Path:
     # engine
     groups, specs = param_groups(student, cfg.train.weight_decay)
     schedule = LRSchedule(cfg.train, dist.world_size, specs)
-    engine = Engine(student, cfg.train, dist, groups, schedule)
-    prepare_run_dir(cfg.run, cfg, dist, {"ds_config.json": engine.config}, start.changes)
-    monitor = Monitor(out, dist, resume=start.resume, wandb=cfg.run.wandb)
-    monitor.start(cfg, student)
-    if dist.is_main and not (out / "tokenizer").exists():
-        if isinstance(run.tokenizer, HFTokenizer):
-            run.tokenizer.save(out / "tokenizer")
-        else:
-            shutil.copytree(run.tokenizer_dir, out / "tokenizer")
+    engine, monitor = open_run(cfg, start, student, groups, schedule)
+    if dist.is_main:
+        keep_tokenizer(run.tokenizer, run.tokenizer_dir, out)
 
     # loop
     step = DistillTextStep(engine, teacher, cache, langs, cfg.distill.loss, cfg.distill.keep_teacher_language)
-    trainer = Trainer(cfg, dist, engine, stream, step, monitor, schedule, guard=Guard(cfg.guard), identity=identity)
+    trainer = Trainer(cfg, dist, engine, stream, step, monitor, schedule, guard=Guard(cfg.guard), identity=start.identity)
     if start.resume:
         trainer.resume()
     validator = Validator(run, dist, engine.module, monitor) if run.val_rows else None

@@ -15,16 +15,15 @@ from typing import Optional
 
 import torch
 
-from launch.runtime.cli import parse_run_args, start_run
+from launch.runtime.cli import open_run, parse_run_args, start_run
 from launch.runtime.config import (PROJECT_ROOT, GuardConfig, RunConfig, StreamConfig, TrainConfig, check_source,
                                    resolve_path)
 from launch.runtime.dist import barrier, set_seed
 from launch.runtime.engine import Engine
 from launch.runtime.guard import Guard
 from launch.runtime.loop import Step, Trainer
-from launch.runtime.monitor import Monitor
 from launch.runtime.optim import LRSchedule, param_groups
-from launch.runtime.run_dir import fingerprint, prepare_run_dir, summary_line
+from launch.runtime.run_dir import summary_line
 from launch.runtime.stream import BatchStream
 from mae.checkpoint import save_encoder_checkpoint
 from mae.common.files import atomic_write_bytes
@@ -99,8 +98,7 @@ def main(argv: list[str]) -> Path:
     source = resolve_path(cfg.data.source)
     check_source(source, "data.source", cfg.data)
     out = Path(cfg.run.out_dir)
-    identity = {"model config": (fingerprint(cfg.model), f"resume with the run's config (in {out})")}
-    start = start_run(cfg, args, identity)
+    start = start_run(cfg, args)
     if start is None:
         return out
     dist = start.dist
@@ -123,14 +121,11 @@ def main(argv: list[str]) -> Path:
     # engine
     groups, specs = param_groups(model, cfg.train.weight_decay)
     schedule = LRSchedule(cfg.train, dist.world_size, specs)
-    engine = Engine(model, cfg.train, dist, groups, schedule)
-    prepare_run_dir(cfg.run, cfg, dist, {"ds_config.json": engine.config}, start.changes)
-    monitor = Monitor(out, dist, resume=start.resume, wandb=cfg.run.wandb)
-    monitor.start(cfg, model)
+    engine, monitor = open_run(cfg, start, model, groups, schedule)
 
     # loop
     trainer = Trainer(cfg, dist, engine, stream, MAEStep(engine, views), monitor, schedule, guard=Guard(cfg.guard),
-                      identity=identity)
+                      identity=start.identity)
     if start.resume:
         trainer.resume()
     vis = fixed_images(source, cfg.vis_images, enc.img_size, cfg.data.mean, cfg.data.std) if dist.is_main else None

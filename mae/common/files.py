@@ -36,7 +36,31 @@ _FORMAT_NAMES: dict[str, str] = {}
 
 class WriteError(OSError):
     """A file could not be written (disk full, quota, permissions, I/O error); nothing half-written
-    was left in its place."""
+    was left in its place. ``WriteError(errno, message)``; ``str()`` is the message alone."""
+
+    def __str__(self) -> str:
+        return self.strerror if self.strerror else super().__str__()
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file, in order. Text is decoded
+    with ``surrogateescape`` (invalid UTF-8 in a caption surfaces as a string that caption cleaning
+    drops). FileNotFoundError for a missing file; ValueError naming file and line for a line that
+    is not a JSON object."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"not found: {path}")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.decode("utf-8", errors="surrogateescape").strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: bad JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object")
+            yield lineno, row
 
 
 def register_format(tag: str, description: str) -> str:

@@ -18,11 +18,11 @@ skip-counting) is :mod:`mae.images.stream`.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from mae.common.files import iter_jsonl
 from mae.images.decode import IMAGE_EXTS
 from mae.images.shards import expand_shards, looks_like_shards
 
@@ -40,19 +40,11 @@ def iter_manifest(path: str | os.PathLike) -> Iterator[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
     root = path.resolve().parent
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            line = raw.decode("utf-8", errors="surrogateescape").strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: bad JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("file"), str):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with a string 'file'")
-            row["path"] = str(root / row["file"])
-            yield row
+    for lineno, row in iter_jsonl(path):
+        if not isinstance(row.get("file"), str):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object with a string 'file'")
+        row["path"] = str(root / row["file"])
+        yield row
 
 
 TABLE_IMAGE_COLUMNS = ("file", "filepath", "image", "image_path", "path")
