@@ -93,3 +93,32 @@ def test_eval_transform_resize_and_center_crop(emoji):
     assert y.shape == (3, 64, 64)
     assert y[:, :, :22].min() > 0.95 and y[:, :, 42:].min() > 0.95  # left band cropped away
     assert y[:, :, 28:36].max() < 0.05  # the middle stripe is kept, in the middle
+
+
+@pytest.mark.parametrize("impl", ["torchvision", "fast", "device"])
+def test_transparent_pixels_take_the_background(impl, tmp_path):
+    """A fully transparent PNG whose hidden pixels are black: every view is the background colour,
+    white by default, one random colour per image and draw with ``background: random``."""
+    from mae.images.views import make_views
+
+    path = tmp_path / "clear.png"
+    Image.new("RGBA", (40, 40), (0, 0, 0, 0)).save(path)
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # pixel p in [0, 1] -> 2p - 1
+    specs = [(32, (0.5, 1.0)), (16, (0.2, 0.5))]
+
+    def views(background: str) -> list[torch.Tensor]:
+        v = make_views(impl, specs, mean, std, background=background)
+        return v.finish(v.collate([v(str(path)) for _ in range(8)]))  # V x (8, 3, S, S)
+
+    torch.manual_seed(0)
+    for crops in views("white"):
+        torch.testing.assert_close(crops, torch.ones_like(crops), rtol=0, atol=1e-6)
+    torch.manual_seed(0)
+    colours = []
+    for crops in views("random"):
+        flat_ = crops.flatten(2)  # (8, 3, S*S): one colour per image, the same in every view
+        assert (flat_.amax(-1) - flat_.amin(-1)).max() < 1e-6
+        colours.append(flat_[:, :, 0])
+    torch.testing.assert_close(colours[0], colours[1])
+    assert len({tuple(c) for c in colours[0].tolist()}) == 8  # eight images, eight colours
+    assert not torch.allclose(colours[0], torch.ones_like(colours[0]))
