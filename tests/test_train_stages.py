@@ -216,3 +216,32 @@ def test_image_tower_frozen_for_the_window_then_trained(stages):
     # 3. after the window the image tower trains too
     moved = [k for k in mae if not torch.equal(final[f"visual.{k}"], mae[k])]
     assert len(moved) == len(mae), f"only {len(moved)}/{len(mae)} visual tensors trained after the window"
+
+
+SIGLIP_STEPS = 300
+
+
+def test_sigmoid_loss_learns_from_the_mae_encoder(stages, tmp_path):
+    """``model.loss=siglip`` on the demo preset from the module's MAE encoder, one process, 300
+    steps of 32: the sigmoid loss falls well below its collapsed level and held-out image->text R@5
+    beats chance in both languages. Measured (seed 0): loss 4.74 -> 2.59 (collapsed: 4.45), R@5
+    10.1 % English, 8.2 % Korean (chance 1.9 %); the threshold is 2.5x chance."""
+    from clip.model.siglip import chance_level
+
+    repo = stages["repo"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    out = tmp_path / "siglip"
+    cmd = [sys.executable, str(repo / "launch" / "clip.py"), "--init", str(stages["mae"] / "mae_ckpt.pt"),
+           "--config", str(repo / "configs" / "demo" / "clip.yaml"), f"run.out_dir={out}",
+           f"data.tokenizer={stages['tokenizer']}", "model.loss=siglip", f"train.steps={SIGLIP_STEPS}",
+           "train.micro_batch_size=32", f"val_every={SIGLIP_STEPS}", "run.ckpt_every=0"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _metrics(out)
+    train = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert train[-1] < 0.7 * chance_level(32) < train[0], (train, chance_level(32))
+    assert all("train/logit_bias" in r for r in rows if "train/loss" in r)
+    last = [r for r in rows if "val/loss" in r][-1]
+    chance5 = 5.0 / _val_size(repo)
+    for lang in ("en", "ko"):
+        assert last[f"val/{lang}/image_to_text_R@5"] >= 2.5 * chance5, (lang, last, chance5)
