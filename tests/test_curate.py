@@ -201,6 +201,29 @@ def test_count_pass_two_processes_equal_one(crawl, tmp_path):
         assert all(np.array_equal(za[k], zb[k]) for k in za.files)
 
 
+
+def test_ray_engine_curates_as_one_process(relabelled):
+    """``--engine ray`` (the optional extra; skipped where Ray is not installed, as in CI): the
+    passes as Ray tasks on a local cluster give the same report, keep files and shards."""
+    ray = pytest.importorskip("ray")
+    root, _, want, out = relabelled
+    try:
+        rc, got, ray_out = _run(root, "ray", "--t", f"en={T_EN}", "--engine", "ray", "--workers", "2")
+    finally:
+        ray.shutdown()  # the local cluster the run started
+    assert rc == 0
+    where = ("out", "write_shards", "engine", "workers")  # the run's own settings, not its result
+    got_cfg, want_cfg = got.pop("config"), dict(want["config"])
+    assert {k: v for k, v in got_cfg.items() if k not in where} == {k: v for k, v in want_cfg.items() if k not in where}
+    assert {k: v for k, v in got.items() if k != "seconds"} == {k: v for k, v in want.items() if k not in ("seconds", "config")}
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".npz")
+                   and p.name != "curation.json")
+    assert files and files == sorted(p.relative_to(ray_out) for p in ray_out.rglob("*") if p.is_file()
+                                     and p.suffix in (".json", ".npz") and p.name != "curation.json")
+    for f in files:  # keep probabilities and counts: byte for byte
+        assert (out / f).read_bytes() == (ray_out / f).read_bytes(), f
+    assert _kept_captions(root / "ray_shards") == _kept_captions(root / "relabel_shards")
+
 # ----------------------------------------------------------------------------- duplicates
 def _jpeg(img: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()

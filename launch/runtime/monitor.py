@@ -159,12 +159,33 @@ class Monitor:
         atomic_write_bytes(path, buf.getvalue())
         return path
 
+    def finish(self, headline: str, skip_totals: dict[str, float], files: str) -> None:
+        """The run's last console lines (what was done, the last held-out values, the data counts,
+        the outputs), then close the writers."""
+        last = {k: v for r in self.history() for k, v in r.items() if k.startswith("val/")}
+        self.close()
+        if not self.active:
+            return
+        print(headline)
+        if last:
+            print("held-out: " + ", ".join(f"{k[4:]}={v:.4f}" for k, v in sorted(last.items())))
+        print(summary_line(skip_totals))
+        print(f"outputs: {self.out_dir}/  ({files}, metrics.jsonl, tb/, checkpoints/)")
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+def summary_line(totals: dict[str, float]) -> str:
+    """The run's data counts for the console: skipped samples, broken shards, partial batches."""
+    names = {"skipped_samples": "samples skipped (missing, undecodable or without a caption)",
+             "broken_shards": "broken shards", "samples_in_partial_batches": "samples in partial batches (not trained on)",
+             "dropped_captions": "captions dropped (empty or invalid)"}
+    return "data: " + ", ".join(f"{int(totals.get(k, 0))} {v}" for k, v in names.items() if k in totals or k != "dropped_captions")
 
 
 def parameter_counts(model) -> dict[str, int]:

@@ -168,11 +168,3 @@ def prepare_run_dir(run: RunConfig, cfg: Any, dist: Dist, extra: Optional[dict] 
 def fingerprint(cfg: Any) -> str:
     """First 16 hex digits of the sha256 of a config (as sorted JSON)."""
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def summary_line(totals: dict[str, float]) -> str:
-    """The run's data counts for the console: skipped samples, broken shards, partial batches."""
-    names = {"skipped_samples": "samples skipped (missing, undecodable or without a caption)",
-             "broken_shards": "broken shards", "samples_in_partial_batches": "samples in partial batches (not trained on)",
-             "dropped_captions": "captions dropped (empty or invalid)"}
-    return "data: " + ", ".join(f"{int(totals.get(k, 0))} {v}" for k, v in names.items() if k in totals or k != "dropped_captions")

@@ -34,7 +34,6 @@ from launch.runtime.guard import Guard
 from launch.runtime.loop import Step, Trainer
 from launch.runtime.monitor import Monitor
 from launch.runtime.optim import FreezeSchedule, LRSchedule, freeze_steps, global_batch, layer_decay, param_groups
-from launch.runtime.run_dir import summary_line
 from launch.runtime.stream import BatchStream
 from launch.stages.clip_config import KINDS, CLIPRunConfig, ClipRun, keep_tokenizer, resolve
 from mae.images.decode import Decoded
@@ -181,14 +180,9 @@ def main(argv: list[str]) -> Path:
         if validator is None:
             monitor.plot("loss.png", ["train/loss"], "CLIP training loss", cfg.model.loss, chance=chance,
                          chance_label="collapsed", labels={"train/loss": "train"})
-        last = {k: v for r in monitor.history() for k, v in r.items() if k.startswith("val/")}
-        monitor.close()
-        print(f"CLIP done: {cfg.train.steps} steps (image tower frozen for {freeze.windows.get('visual.', 0)}, "
-              f"text for {freeze.windows.get('text.', 0)})")
-        if last:
-            print("held-out: " + ", ".join(f"{k[4:]}={v:.4f}" for k, v in sorted(last.items())))
-        print(summary_line(trainer.skip_totals()))
-        print(f"outputs: {out}/  (clip_ckpt.pt, tokenizer/, loss.png, metrics.jsonl, tb/, checkpoints/)")
+        monitor.finish(f"CLIP done: {cfg.train.steps} steps (image tower frozen for {freeze.windows.get('visual.', 0)}, "
+                       f"text for {freeze.windows.get('text.', 0)})", trainer.skip_totals(),
+                       "clip_ckpt.pt, tokenizer/, loss.png")
     barrier(dist)
     return out
 

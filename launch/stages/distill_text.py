@@ -35,7 +35,6 @@ from launch.runtime.guard import Guard
 from launch.runtime.loop import Step, Trainer
 from launch.runtime.monitor import Monitor
 from launch.runtime.optim import LRSchedule, param_groups
-from launch.runtime.run_dir import summary_line
 from launch.runtime.stream import BatchStream
 from launch.stages.clip_config import keep_tokenizer
 from launch.stages.distill_text_config import DistillRun, DistillTextRunConfig, resolve
@@ -205,13 +204,7 @@ def main(argv: list[str]) -> Path:
                 what += ", " + save_output(run, engine.module, out, "_ema")
         monitor.plot("loss.png", ["train/loss"], "text distillation loss", f"{cfg.distill.loss} to the teacher",
                      labels={"train/loss": "train"})
-        last = {k: v for r in monitor.history() for k, v in r.items() if k.startswith("val/")}
-        monitor.close()
-        print(f"distillation done: {cfg.train.steps} steps")
-        if last:
-            print("held-out: " + ", ".join(f"{k[4:]}={v:.4f}" for k, v in sorted(last.items())))
-        print(summary_line(trainer.skip_totals()))
-        print(f"outputs: {out}/  ({what}, tokenizer/, loss.png, metrics.jsonl, tb/, checkpoints/)")
+        monitor.finish(f"distillation done: {cfg.train.steps} steps", trainer.skip_totals(), f"{what}, tokenizer/, loss.png")
     barrier(dist)
     return out
 

@@ -23,7 +23,6 @@ from launch.runtime.engine import Engine
 from launch.runtime.guard import Guard
 from launch.runtime.loop import Step, Trainer
 from launch.runtime.optim import LRSchedule, param_groups
-from launch.runtime.run_dir import summary_line
 from launch.runtime.stream import BatchStream
 from mae.checkpoint import save_encoder_checkpoint
 from mae.common.files import atomic_write_bytes
@@ -148,10 +147,8 @@ def main(argv: list[str]) -> Path:
             with trainer.ema.swapped():
                 save_encoder_checkpoint(engine.module, out / "mae_ckpt_ema.pt", cfg.data.mean, cfg.data.std)
         hist = [r["train/loss"] for r in monitor.history() if "train/loss" in r]
-        monitor.close()
-        print(f"MAE done: {cfg.train.steps} steps, loss {hist[0]:.4f} -> {hist[-1]:.4f}" if hist else "MAE done")
-        print(summary_line(trainer.skip_totals()))
-        print(f"outputs: {out}/  (mae_ckpt.pt, loss.png, recon/, metrics.jsonl, tb/, checkpoints/)")
+        monitor.finish(f"MAE done: {cfg.train.steps} steps, loss {hist[0]:.4f} -> {hist[-1]:.4f}" if hist else "MAE done",
+                       trainer.skip_totals(), "mae_ckpt.pt, loss.png, recon/")
     barrier(dist)
     return out
 
