@@ -247,8 +247,6 @@ def test_clip_lr_blow_up_stops_cleanly(clip_setup, tmp_path):
 # ----------------------------------------------------------------------------- bad input
 
 
-
-
 def test_bad_inputs_are_one_line_and_exit_2(tmp_path, capsys, tiny_tokenizer_dir):
     from launch.stages.clip import main as clip_main
     from launch.stages.mae import main as mae_main

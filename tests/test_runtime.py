@@ -4,7 +4,6 @@ import json
 import math
 import os
 from dataclasses import dataclass, field, replace
-import subprocess
 import sys
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 from launch.runtime.config import ConfigError, TrainConfig
 from launch.runtime.engine import PRECISIONS, deepspeed_config
 from launch.runtime.optim import FreezeSchedule, LRSchedule, lr_factor, param_groups
+from procs import run, run_pairs
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "dp_runtime.py")
 
@@ -91,13 +91,6 @@ def _another_port(taken: int) -> int:
     return port
 
 
-def _run(cmd, cwd):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
-
-
 @pytest.mark.slow
 def test_two_ranks_equal_one_rank(tmp_path, free_port):
     """1 x 8 (plain python), 1 x 4 x accum 2, deepspeed 2 ranks x 4 with ZeRO-2, and torchrun
@@ -112,8 +105,9 @@ def test_two_ranks_equal_one_rank(tmp_path, free_port):
                      "--master_port", str(_another_port(free_port)), SCRIPT,
                      str(tmp_path / "torchrun"), "train.micro_batch_size=4"],
     }
-    out = {name: _run(cmd, cwd=tmp_path) for name, cmd in runs.items()}  # not from the repo root: the runtime
-    # must not depend on the working directory
+    # not from the repo root: the runtime must not depend on the working directory
+    out = run_pairs({k: runs[k] for k in ("one", "accum")}, cwd=tmp_path)
+    out.update({name: run(runs[name], cwd=tmp_path) for name in ("two", "torchrun")})
     final = {k: torch.load(tmp_path / k / "final.pt", weights_only=True) for k in runs}
     start = torch.nn.Sequential(torch.nn.Linear(6, 16))  # the weights did move
     for name in ("accum", "two", "torchrun"):
@@ -189,17 +183,16 @@ def test_half_precision_keeps_fp32_weights_and_scales_fp16_losses(tmp_path, free
     scaler skips those steps and halves the scale, and the log says how many it skipped."""
     runs = {"fp32": [], "bf16": ["train.precision=bf16"], "fp16": ["train.precision=fp16", "train.fp16_initial_scale_power=8"],
             "fp16_overflow": ["train.precision=fp16", "train.fp16_initial_scale_power=22", "train.steps=12"]}
-    for name, over in runs.items():
-        _run([sys.executable, SCRIPT, str(tmp_path / name), *over], cwd=tmp_path)
-    _run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port), SCRIPT, str(tmp_path / "fp16_zero2"),
-          "train.precision=fp16", "train.fp16_initial_scale_power=8", "train.micro_batch_size=4", "train.zero_stage=2"],
-         cwd=tmp_path)
-    runs["fp16_zero2"] = []
     # clipping (the script's grad_clip=1.0 binds: norms 1.06-1.7) of fp16 gradients under ZeRO-2: with
     # Adam's eps at 1 the update is not scale-free, so a threshold off by the loss scale would show
     clip = ["train.eps=1.0", "train.grad_clip=0.5"]
-    _run([sys.executable, SCRIPT, str(tmp_path / "clip_fp32"), *clip], cwd=tmp_path)
-    _run(["deepspeed", "--num_gpus", "2", "--master_port", str(_another_port(free_port)), SCRIPT,
+    run_pairs({**{name: [sys.executable, SCRIPT, str(tmp_path / name), *over] for name, over in runs.items()},
+               "clip_fp32": [sys.executable, SCRIPT, str(tmp_path / "clip_fp32"), *clip]}, cwd=tmp_path)
+    run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port), SCRIPT, str(tmp_path / "fp16_zero2"),
+          "train.precision=fp16", "train.fp16_initial_scale_power=8", "train.micro_batch_size=4", "train.zero_stage=2"],
+         cwd=tmp_path)
+    runs["fp16_zero2"] = []
+    run(["deepspeed", "--num_gpus", "2", "--master_port", str(_another_port(free_port)), SCRIPT,
           str(tmp_path / "clip_fp16_zero2"), *clip, "train.precision=fp16", "train.fp16_initial_scale_power=8",
           "train.micro_batch_size=4", "train.zero_stage=2"], cwd=tmp_path)
     for key, ref in torch.load(tmp_path / "clip_fp32" / "final.pt", weights_only=True).items():
