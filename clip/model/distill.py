@@ -38,12 +38,11 @@ import copy
 from typing import NamedTuple, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from clip.model.clip import CLIP, CLIPConfig
-from clip.model.loss import _AllGatherWithGrad
+from clip.model.loss import gather
 
 # --------------------------------------------------------------------------- text only
 
@@ -104,17 +103,6 @@ def assemble_clip(teacher: CLIP, student: TextStudent, cfg: CLIPConfig) -> CLIP:
 # --------------------------------------------------------------------------- image-text
 
 
-def _gather(x: torch.Tensor, rank: int, world_size: int, dim: int, grad: bool) -> torch.Tensor:
-    if world_size == 1:
-        return x
-    if grad and x.requires_grad:
-        parts = list(_AllGatherWithGrad.apply(x, rank, world_size).unbind(0))
-    else:
-        parts = [torch.empty_like(x) for _ in range(world_size)]
-        dist.all_gather(parts, x.detach().contiguous())
-    return torch.cat(parts, dim=dim)
-
-
 def _kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """KL(softmax(teacher) || softmax(student)) over the last dim, columns where ``valid`` only (a
     row without any valid column gives 0: the fill is finite, and its differences are not summed)."""
@@ -155,11 +143,11 @@ class DistillLoss(nn.Module):
         t_scale = torch.as_tensor(teacher_scale, dtype=teacher_image.dtype, device=teacher_image.device)
         mask = text_mask.to(torch.bool)
         w, r = self.world_size, self.rank
-        all_images = _gather(image_features, r, w, dim=1, grad=True)  # (V, N, E)
-        all_texts = _gather(text_features, r, w, dim=0, grad=True)  # (N, C, E)
-        all_mask = _gather(mask.to(torch.uint8), r, w, dim=0, grad=False).to(torch.bool)  # (N, C)
-        all_t_images = _gather(teacher_image, r, w, dim=0, grad=False)  # (N, Et)
-        all_t_texts = _gather(teacher_text, r, w, dim=0, grad=False)  # (N, C, Et)
+        all_images = gather(image_features, r, w, 1)  # (V, N, E)
+        all_texts = gather(text_features, r, w, 0)  # (N, C, E)
+        all_mask = gather(mask.to(torch.uint8), r, w, 0, grad=False).to(torch.bool)  # (N, C)
+        all_t_images = gather(teacher_image, r, w, 0, grad=False)  # (N, Et)
+        all_t_texts = gather(teacher_text, r, w, 0, grad=False)  # (N, C, Et)
         N = all_texts.shape[0]
 
         # image -> text: this rank's images (rows) against every valid caption slot (columns)

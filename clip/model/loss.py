@@ -68,6 +68,20 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return out, None, None
 
 
+def gather(x: torch.Tensor, rank: int, world_size: int, dim: int, grad: bool = True) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along ``dim``. With ``grad`` (and ``x`` needing it) the
+    gradient of every rank's use of this slice flows back to it; else only this rank's own use does."""
+    if world_size == 1:
+        return x
+    if grad and x.requires_grad:
+        parts = list(_AllGatherWithGrad.apply(x, rank, world_size).unbind(0))
+    else:
+        parts = [torch.empty_like(x) for _ in range(world_size)]
+        dist.all_gather(parts, x.detach().contiguous())
+        parts[rank] = x  # keep the local gradient path
+    return torch.cat(parts, dim=dim)
+
+
 def check_features(image_features: torch.Tensor, text_features: torch.Tensor,
                    text_mask: torch.Tensor) -> tuple[int, int, int]:
     """``(V, B, C)`` of a contrastive loss's inputs (image (V, B, E), text (B, C, E), mask (B, C)),
@@ -108,17 +122,6 @@ class ClipLoss(nn.Module):
         self.rank, self.world_size, self.gather_with_grad = rank, world_size, gather_with_grad
         self.max_block = max_block
 
-    def _gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        if self.world_size == 1:
-            return x
-        if self.gather_with_grad and x.requires_grad:
-            parts = list(_AllGatherWithGrad.apply(x, self.rank, self.world_size).unbind(0))
-        else:
-            parts = [torch.empty_like(x) for _ in range(self.world_size)]
-            dist.all_gather(parts, x.detach().contiguous())
-            parts[self.rank] = x  # keep the local gradient path
-        return torch.cat(parts, dim=dim)
-
     def rows_per_chunk(self, V: int, B: int, N: int, C: int) -> int:
         """How many of this rank's B rows go into one chunk (B: no chunking)."""
         return B if not self.max_block else max(1, min(B, self.max_block // max(1, V * N * C)))
@@ -133,9 +136,9 @@ class ClipLoss(nn.Module):
         image_features, text_features, logit_scale = (
             t.to(torch.promote_types(t.dtype, torch.float32)) for t in (image_features, text_features, logit_scale))
         mask = text_mask.to(torch.bool)
-        all_images = self._gather(image_features, dim=1)  # (V, N, E)
-        all_texts = self._gather(text_features, dim=0)  # (N, C, E)
-        all_mask = self._gather(mask.to(torch.uint8), dim=0).to(torch.bool)  # (N, C)
+        all_images = gather(image_features, self.rank, self.world_size, 1, self.gather_with_grad)  # (V, N, E)
+        all_texts = gather(text_features, self.rank, self.world_size, 0, self.gather_with_grad)  # (N, C, E)
+        all_mask = gather(mask.to(torch.uint8), self.rank, self.world_size, 0).to(torch.bool)  # (N, C)
         N = all_texts.shape[0]
         offset = self.rank * B
         columns = (all_images, all_texts, all_mask, logit_scale)
