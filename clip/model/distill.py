@@ -194,7 +194,7 @@ class DistillTerm:
 
     Use: ``targets = term.targets(crops, captions, text_mask, slot_languages)`` (no gradient; once
     per micro-batch), then ``term(image_features, text_features, scale, targets)``; :attr:`last`
-    holds the unweighted KL of the last call (for logging).
+    holds the unweighted KL of the last call (a tensor, for logging).
     """
 
     def __init__(self, teacher, loss: DistillLoss, weight: float, image_mean, image_std,
@@ -202,7 +202,8 @@ class DistillTerm:
         self.teacher, self.loss, self.weight = teacher, loss, float(weight)
         self.mean, self.std = tuple(image_mean), tuple(image_std)
         self.languages = None if languages is None else set(languages)
-        self.last: Optional[float] = None
+        self.teacher_scale = teacher.logit_scale  # a constant: read once, not synced every step
+        self.last: Optional[torch.Tensor] = None
 
     @torch.no_grad()
     def targets(self, crops: Sequence[torch.Tensor] | torch.Tensor, captions: Sequence[Sequence[str]],
@@ -232,6 +233,6 @@ class DistillTerm:
                  targets: TeacherTargets) -> torch.Tensor:
         dev = image_features.device
         kl = self.loss(image_features, text_features, targets.mask.to(dev), logit_scale, targets.image.to(dev),
-                       targets.text.to(dev), self.teacher.logit_scale)
-        self.last = float(kl.detach())
+                       targets.text.to(dev), self.teacher_scale)
+        self.last = kl.detach()  # read when logged: no host sync between forward and backward
         return self.weight * kl

@@ -87,7 +87,7 @@ class ClipStep(Step):
         if self.bias():
             out["logit_bias"] = self.bias()[0].item()
         if self.distill is not None and self.distill.last is not None:
-            out["distill_kl"] = self.distill.last  # the last micro-batch's (per micro-batch accumulation)
+            out["distill_kl"] = float(self.distill.last)  # the last micro-batch's (per micro-batch accumulation)
         return {**out, **{f"count/{k}": sum(b[n] for b in batches) for k, n in (
             ("skipped_samples", "n_skipped"), ("broken_shards", "n_broken_shards"), ("dropped_captions", "n_dropped"))}}
 
