@@ -165,6 +165,18 @@ def test_vision_pool_token_vs_avg_same_weights():
         CLIPConfig(vision_pool="max")
 
 
+def test_clip_config_refuses_impossible_values_and_sets_the_objectives_temperature():
+    with pytest.raises(ValueError, match=r"image_std must be > 0, got \[0.5, 0.0, 0.5\]"):
+        CLIPConfig(image_std=(0.5, 0.0, 0.5))
+    with pytest.raises(ValueError, match="loss must be infonce or siglip"):
+        CLIPConfig(loss="hinge")
+    with pytest.raises(ValueError, match="init_logit_scale and max_logit_scale must be > 0"):
+        CLIPConfig(init_logit_scale=0.0)
+    assert CLIPConfig().logit_scale_init == pytest.approx(1 / 0.07)
+    assert CLIPConfig(loss="siglip").logit_scale_init == 10.0
+    assert CLIPConfig(loss="siglip", init_logit_scale=5.0).logit_scale_init == 5.0
+
+
 def test_patch_dropout_train_only():
     torch.manual_seed(0)
     m = CLIP(replace(CFG, patch_dropout=0.5))

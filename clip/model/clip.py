@@ -73,6 +73,10 @@ class CLIPConfig:
         if not (self.logit_scale_init > 0 and self.max_logit_scale > 0):
             raise ValueError(f"init_logit_scale and max_logit_scale must be > 0, got {self.init_logit_scale} and "
                              f"{self.max_logit_scale}")
+        if self.loss not in ("infonce", "siglip"):
+            raise ValueError(f"loss must be infonce or siglip, got {self.loss!r}")
+        if not all(s > 0 for s in self.image_std):
+            raise ValueError(f"image_std must be > 0, got {list(self.image_std)}")
 
     @property
     def logit_scale_init(self) -> float:
@@ -80,8 +84,6 @@ class CLIPConfig:
         if self.init_logit_scale is not None:
             return self.init_logit_scale
         return 10.0 if self.loss == "siglip" else 1 / 0.07
-        if not all(s > 0 for s in self.image_std):
-            raise ValueError(f"image_std must be > 0, got {list(self.image_std)}")
 
 
 class CLIP(nn.Module):
