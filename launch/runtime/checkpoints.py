@@ -89,10 +89,11 @@ def save(engine, out_dir: Path, step: int, keep_last: int, dist: Dist, state: di
 def save_failed(ckpt: Path, tag: str, e: Exception) -> WriteError:
     """The one-line error of a checkpoint that could not be written, its partial folder removed
     (``latest`` still names the previous one, which a resume uses)."""
-    reason = " ".join(str(e).split())
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or "write failed" in reason:
-        reason = "no space left on the device" if not isinstance(e, OSError) or e.errno == errno.ENOSPC \
-            else "disk quota exceeded"
+    reason, code = " ".join(str(e).split()), getattr(e, "errno", None)
+    if code == errno.EDQUOT:
+        reason = "disk quota exceeded"
+    elif code == errno.ENOSPC or "write failed" in reason:  # torch's RuntimeError for a full disk
+        reason = "no space left on the device"
     previous = [t for t in tags_by_step(ckpt) if t != tag]
     need = ""
     if previous:

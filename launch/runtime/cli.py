@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import os
 import sys
-from dataclasses import dataclass
 import types
 import typing
 from typing import Any, Literal, Optional, TypeVar, Union
@@ -85,7 +84,7 @@ def parse_run_args(argv: list[str], schema: type[T], description: str, default_c
     return args, load_config(schema, args.config, args.overrides)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Start:
     """Where a run starts: its process group, whether it resumes, and what changed since its last
     config (recorded in the run's config history)."""

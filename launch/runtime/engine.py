@@ -167,7 +167,7 @@ class Engine:
         import deepspeed
 
         self.train, self.dist = train, dist
-        self.schedule = getattr(schedule, "__self__", schedule)  # the schedule, or its bound lrs method
+        self.schedule = schedule
         if train.compile:  # dynamic: crop sizes, caption lengths and the masked token count vary
             model.compile(backend=train.compile_backend, dynamic=True)  # in place: state dict keys unchanged
         self.config = deepspeed_config(train, dist.world_size)

@@ -19,7 +19,6 @@ import torch
 
 from launch.runtime import checkpoints
 from launch.runtime.config import ConfigError
-from mae.common.files import WriteError
 from launch.runtime.dist import (Dist, all_ranks_true, all_reduce, barrier, fault_point, preserved_rng, rng_state,
                                  set_rng_state)
 from launch.runtime.ema import EMA
@@ -29,6 +28,7 @@ from launch.runtime.monitor import Monitor
 from launch.runtime.optim import FreezeSchedule, LRSchedule, global_batch
 from launch.runtime.stream import BatchStream
 from launch.runtime.telemetry import Telemetry, progress_line
+from mae.common.files import WriteError
 
 # A hook runs on every rank after steps divisible by its period (and after the last step), with the
 # random states restored after it; what it returns on rank 0 is logged. The trainer waits for every

@@ -71,7 +71,6 @@ def lock(out: Path) -> None:
     f = open(out / LOCK_FILE, "a+")
     try:
         fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # a POSIX lock: this process's, not its workers'
-
     except OSError:
         f.seek(0)
         holder = f.read().strip() or "another process"
@@ -137,7 +136,8 @@ def _newest_resume_state(ckpt: Path) -> Optional[dict]:
     """Rank 0's resume state of the newest checkpoint that can be read (None if none can)."""
     for tag in reversed(checkpoints.tags_by_step(ckpt)):
         try:
-            return torch.load(ckpt / tag / checkpoints.resume_file(0), map_location="cpu", weights_only=True)
+            # mmap: only the small fields are read here, not the tensors it carries (an EMA is a model's worth)
+            return torch.load(ckpt / tag / checkpoints.resume_file(0), map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # noqa: BLE001 - a damaged checkpoint: the load falls back past it too
             continue
     return None
