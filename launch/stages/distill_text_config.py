@@ -183,6 +183,8 @@ def resolve(cfg: DistillTextRunConfig) -> DistillRun:
         raise ConfigError(f"data.source={cfg.data.source}: {len(train)} training pairs with every language of "
                           f"{list(langs)} ({dropped} dropped), fewer than train.micro_batch_size="
                           f"{cfg.train.micro_batch_size}")
+    if dropped:
+        note(f"data.source: {dropped} of {len(rows) + dropped} pairs dropped (a language missing or empty)")
     targets = distinct_targets(train, langs[0])
     cache, ready = None, False
     if d.cache:
