@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 FORMAT = "enko-clip/keep-v1"
 KEEP_DIR = "keep"
@@ -98,14 +98,6 @@ class CurationKeep:
     def kept(self, probs: Mapping[str, float], key: str, epoch: int) -> bool:
         """The draw of ``key`` in ``epoch`` (:func:`keep_draw`)."""
         return keep_draw(probs.get(key, self.missing), self.seed, epoch, key)
-
-    def filter(self, samples: Iterable[dict], epoch: int, url: str | None = None) -> Iterator[dict]:
-        """The samples (dicts with ``"key"``: shard samples of ``url``, or manifest records when
-        ``url`` is None) kept in ``epoch``."""
-        probs = self.probabilities(url, records=url is None)
-        for s in samples:
-            if self.kept(probs, str(s["key"]), epoch):
-                yield s
 
     def expected_samples(self, urls: Sequence[str] | None = None) -> float:
         """Samples kept per epoch on average (the sum of the probabilities) over the shards ``urls``,
