@@ -44,8 +44,7 @@ from torch import nn
 class _AllGatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums every rank's gradient for this rank's slice.
 
-    Output (W, ...) = every rank's ``x``. Backward: reduce-scatter (NCCL) or all-reduce then
-    take our slice (gloo, which has no reduce-scatter).
+    Output (W, ...) = every rank's ``x``; backward: :func:`reduce_to_owners`.
     """
 
     @staticmethod
@@ -58,14 +57,22 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()  # (W, ...)
-        if dist.get_backend() == "nccl":
-            out = torch.empty_like(grad[0])
-            dist.reduce_scatter_tensor(out, grad)
-        else:
-            dist.all_reduce(grad)
-            out = grad[ctx.rank]
-        return out, None, None
+        return reduce_to_owners(grad, ctx.rank, ctx.world_size), None, None
+
+
+def reduce_to_owners(grads: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """grads (W, ...), each rank's contribution for every rank's slice -> the sum over ranks of the
+    contributions for this rank's slice (...): reduce-scatter (NCCL) or all-reduce then take our
+    slice (gloo, which has no reduce-scatter)."""
+    if world_size == 1:
+        return grads[0]
+    grads = grads.contiguous()
+    if dist.get_backend() == "nccl":
+        out = torch.empty_like(grads[0])
+        dist.reduce_scatter_tensor(out, grads)
+        return out
+    dist.all_reduce(grads)
+    return grads[rank]
 
 
 def gather(x: torch.Tensor, rank: int, world_size: int, dim: int, grad: bool = True) -> torch.Tensor:

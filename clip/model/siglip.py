@@ -48,7 +48,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from clip.model.loss import check_features
+from clip.model.loss import check_features, reduce_to_owners
 
 Exchange = Literal["shift", "bidir", "gather"]
 
@@ -167,7 +167,7 @@ class _PairTerms(torch.autograd.Function):
     def backward(ctx, grad_total, _grad_count):
         g_img, g_txt, g_scale, g_bias = ctx.saved_tensors
         # scaled by THIS rank's upstream gradient before the owners sum them
-        g_txt = _reduce_to_owners(g_txt * grad_total, ctx.rank, ctx.world_size)
+        g_txt = reduce_to_owners(g_txt * grad_total, ctx.rank, ctx.world_size)
         return None, None, g_img * grad_total, g_txt, None, g_scale * grad_total, g_bias * grad_total
 
 
@@ -212,16 +212,3 @@ def _caption_blocks(exchange: Exchange, txt: torch.Tensor, mask: torch.Tensor, r
         here = [((rank - d * (h + 1)) % world_size, t, m.to(torch.bool)) for d, (t, m) in received.items()]
         newest.update(received)
     yield from here
-
-
-def _reduce_to_owners(grads: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """grads (W, B, C, E), each rank's contribution for every owner's captions -> the sum over
-    ranks of the contributions for this rank's captions (B, C, E)."""
-    if world_size == 1:
-        return grads[0]
-    if dist.get_backend() == "nccl":
-        out = torch.empty_like(grads[0])
-        dist.reduce_scatter_tensor(out, grads.flatten(0, 1))
-        return out
-    dist.all_reduce(grads)
-    return grads[rank]
