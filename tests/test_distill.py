@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from clip.model.distill import DistillLoss, DistillTerm, TeacherTargets
 from oneline import error_line
+from procs import run_pairs
 from ranks import average_over_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -509,12 +510,10 @@ def test_clip_stage_adds_the_teachers_term(teacher, tiny_tokenizer_dir, tmp_path
               "model.embed_dim=64", "augment.global_size=32", "augment.local_crops=0", "freeze.image_steps=0",
               "train.steps=8", "train.micro_batch_size=32", "train.lr=2e-3", "train.warmup_steps=2",
               "train.num_workers=0", "run.log_every=1", "val_every=0"]
-    logs = {}
-    for weight in (1.0, 0.0):
-        out = tmp_path / f"w{weight}"
-        _ok(_run(clip_script + common + [f"run.out_dir={out}", f"distill.weight={weight}"], tmp_path))
-        logs[weight] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
-                        if '"train/distill_kl"' in x]
+    run_pairs({w: clip_script + common + [f"run.out_dir={tmp_path / f'w{w}'}", f"distill.weight={w}"] for w in (1.0, 0.0)},
+              cwd=tmp_path)
+    logs = {w: [json.loads(x) for x in (tmp_path / f"w{w}" / "metrics.jsonl").read_text().splitlines()
+                if '"train/distill_kl"' in x] for w in (1.0, 0.0)}
     on, off = logs[1.0], logs[0.0]
     assert len(on) == len(off) == 8 and on[0]["train/distill_kl"] > 0.1
     assert on[0]["train/distill_kl"] == pytest.approx(off[0]["train/distill_kl"], rel=1e-6)
