@@ -399,7 +399,8 @@ def test_kill_then_resume_is_bit_identical(distilled, teacher, tiny_tokenizer_di
 
 def test_cache_gives_the_loss_of_the_teacher_in_the_step(teacher, tiny_tokenizer_dir, tmp_path):
     from clip.data.parallel import TextPairCollate, TextPairSource, distinct_targets, read_pairs
-    from clip.interop.teacher import check_text_cache, load_teacher, read_text_cache, write_text_cache
+    from clip.interop.teacher import load_teacher
+    from clip.interop.teacher_cache import check_text_cache, read_text_cache, write_text_cache
     from clip.model.distill import TextStudent
     from clip.model.text import TextTransformer
     from launch.stages.distill_text import DistillTextStep

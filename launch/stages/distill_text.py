@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from clip.data.parallel import TextPairCollate, TextPairSource
-from clip.interop.teacher import read_text_cache, write_text_cache
+from clip.interop.teacher_cache import read_text_cache, write_text_cache
 from clip.model.checkpoint import save_clip
 from clip.model.distill import TextStudent, assemble_clip, text_distance
 from clip.model.hf_text import HFTextTower, tower_from_pretrained

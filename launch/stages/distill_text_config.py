@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from clip.data.parallel import distinct_targets, read_pairs, split_pairs
-from clip.interop.teacher import Teacher, check_text_cache
+from clip.interop.teacher import Teacher
+from clip.interop.teacher_cache import check_text_cache
 from clip.model.clip import TextTower
 from clip.model.hf_text import HFTextConfig
 from clip.model.text import TextConfig
